@@ -1,0 +1,15 @@
+"Shared pytest settings: reproducible hypothesis runs and a fixed torch seed for every test."
+import os
+import pytest
+import torch
+from hypothesis import settings
+
+# CI is a shared 2-core machine: no per-example deadline, and the same examples on every run.
+settings.register_profile("ci", deadline=None, derandomize=True, max_examples=200)
+settings.register_profile("dev", deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
