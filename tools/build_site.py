@@ -6,13 +6,15 @@ machine), this script does the same three steps with pure-Python parts:
 1. nbdev's own preprocessing (`nbdev.yml`, `sidebar.yml`, and the processed notebooks in `_proc/`,
    with `show_doc` output and directives applied), exactly what `nbdev-docs` hands to Quarto;
 2. smalldocs renders `_proc/` from the same `nbs/_quarto.yml` into `_docs/`;
-3. KaTeX is served from the site itself instead of a CDN (the page must show maths offline), from
-   the npm package `katex` that `.ci/run` unpacks; pass its `dist/` folder as `--katex`.
+3. the site asks nothing of other hosts, so it reads the same offline: KaTeX is served from the
+   site itself instead of a CDN, from the npm package `katex` that `.ci/run` unpacks (pass its
+   `dist/` folder as `--katex`), and the theme's web-font import is dropped for system fonts.
 """
 import argparse, os, re, shutil, subprocess, sys
 from pathlib import Path
 
 CDN = re.compile(r"https://cdn\.jsdelivr\.net/npm/katex@[^/]+/dist")
+REMOTE_IMPORT = re.compile(r"@import url\(['\"]?https?://[^)]*\);?")
 
 
 def nbdev_preprocess(root: Path) -> Path:
@@ -43,6 +45,17 @@ def vendor_katex(site: Path, katex_dist: Path) -> int:
     return pages
 
 
+def drop_remote_fonts(site: Path) -> int:
+    "Remove `@import url(https://...)` (the theme's Google Fonts) from the site's CSS files."
+    changed = 0
+    for css in site.rglob("*.css"):
+        text = css.read_text(encoding="utf-8")
+        if REMOTE_IMPORT.search(text):
+            css.write_text(REMOTE_IMPORT.sub("", text), encoding="utf-8")
+            changed += 1
+    return changed
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--katex", type=Path, required=True, help="the dist/ folder of the npm package katex")
@@ -56,7 +69,8 @@ def main(argv=None):
     site = root / "_docs"
     shutil.rmtree(site, ignore_errors=True)
     shutil.move(str(cache / "_docs"), site)
-    print(f"site: {site} ({len(list(site.rglob('*.html')))} pages, KaTeX vendored into {vendor_katex(site, katex)})")
+    pages, fonts = vendor_katex(site, katex), drop_remote_fonts(site)
+    print(f"site: {site}: {len(list(site.rglob('*.html')))} pages, KaTeX served locally for {pages}, web fonts dropped from {fonts} CSS files")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ PAGES = [("index.html", notebook_title(ROOT / "nbs" / "index.ipynb"))] + [
 def server():
     if not (SITE / "index.html").is_file():
         pytest.fail(f"TINYLLAMA_SITE={SITE} has no index.html: build the site with tools/build_site.py first")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(SITE))
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args): pass
+    handler = functools.partial(Quiet, directory=str(SITE))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}/"

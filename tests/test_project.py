@@ -1,0 +1,49 @@
+"The project's promises about itself: one module a notebook, the README's commands, the pinned torch."
+import importlib, json, re, tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+CHAPTERS = sorted((ROOT / "nbs").glob("[0-9][0-9]_*.ipynb"))
+
+
+def default_exp(nb: Path) -> str | None:
+    "The module a notebook exports, from its `#| default_exp` directive."
+    for cell in json.loads(nb.read_text())["cells"]:
+        m = re.search(r"^#\|\s*default_exp\s+(\S+)", "".join(cell["source"]), re.M)
+        if m: return m.group(1)
+    return None
+
+
+def test_one_module_per_notebook():
+    modules = [default_exp(nb) for nb in CHAPTERS]
+    assert all(modules), f"chapters without default_exp: {[nb.name for nb, m in zip(CHAPTERS, modules) if not m]}"
+    assert len(set(modules)) == len(modules), f"two notebooks export one module: {modules}"
+    generated = {p.stem for p in (ROOT / "tinyllama").glob("*.py") if not p.stem.startswith("_")}
+    assert generated == set(modules), f"modules without a notebook: {generated - set(modules)}; not exported: {set(modules) - generated}"
+
+
+def test_torch_is_pinned_exactly():
+    # A range would pull the multi-GB CUDA build instead of the CPU wheel.
+    assert "torch==2.13.0" in PYPROJECT["project"]["dependencies"]
+
+
+def test_readme_shows_the_ci_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = re.search(r"^TEST_CMD='(.+)'$", ci, re.M).group(1)
+    readme = (ROOT / "README.md").read_text()
+    assert command in readme.splitlines(), "README.md must show the exact test command that .ci/run runs"
+    home = "".join("".join(c["source"]) for c in json.loads((ROOT / "nbs" / "index.ipynb").read_text())["cells"])
+    assert command in home, "the home page (nbs/index.ipynb) must show the same test command as the README"
+
+
+def test_home_page_links_every_chapter():
+    home = "".join("".join(c["source"]) for c in json.loads((ROOT / "nbs" / "index.ipynb").read_text())["cells"])
+    linked = set(re.findall(r"\]\((\d\d_\w+\.ipynb)\)", home))
+    assert {nb.name for nb in CHAPTERS} == linked, f"home page links {sorted(linked)}, chapters are {[nb.name for nb in CHAPTERS]}"
+
+
+def test_console_scripts_resolve():
+    for name, target in PYPROJECT["project"]["scripts"].items():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), f"{name} -> {target} is not callable"
