@@ -9,6 +9,10 @@ settings.register_profile("ci", deadline=None, derandomize=True, max_examples=20
 settings.register_profile("dev", deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
+# The tests run tiny models, for which a second thread costs more in hand-offs than it computes;
+# one thread each also lets pytest-xdist run two workers on a 2-core machine without contention.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

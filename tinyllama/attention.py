@@ -112,6 +112,7 @@ class Attention(nn.Module):
                 cos: Tensor,  # (max_seq_len, head_dim // 2) RoPE table from precompute_rope
                 sin: Tensor,  # (max_seq_len, head_dim // 2)
                 start_pos: int = 0,  # absolute position of x[:, 0]
+                key_mask: Tensor | None = None,  # (B, S) bool over all S keys (cached + new): False marks padding
                 ) -> Tensor:  # (B, T, dim)
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x.shape={tuple(x.shape)} must be (batch_size, seq_len, dim={self.dim})")
@@ -130,6 +131,17 @@ class Attention(nn.Module):
             if start_pos > 0:  # keys outnumber queries: is_causal would align the mask top-left
                 is_causal = False
                 mask = causal_mask(seq_len, start_pos, x.device) if seq_len > 1 else None
+        if key_mask is not None:
+            n_keys = k.shape[1]
+            if key_mask.shape != (batch_size, n_keys) or key_mask.dtype != torch.bool:
+                raise ValueError(f"key_mask must be a bool tensor of shape (batch_size, keys) = {(batch_size, n_keys)}, "
+                                 f"got {key_mask.dtype} {tuple(key_mask.shape)}")
+            causal = causal_mask(seq_len, n_keys - seq_len, x.device)  # (T, S)
+            key_pos = torch.arange(n_keys, device=x.device)  # (S,)
+            itself = key_pos == key_pos[n_keys - seq_len:, None]  # (T, S), True at each query's own key
+            # a padding query sees only itself: a row with no key at all would make SDPA return NaN
+            mask = (causal & key_mask[:, None, None, :]) | itself  # (B, 1, T, S)
+            is_causal = False
 
         k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # (B, S, n_heads, head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n_heads, T or S, head_dim)

@@ -109,8 +109,9 @@ class TransformerBlock(nn.Module):
                 cos: Tensor,  # (max_seq_len, head_dim // 2) RoPE table
                 sin: Tensor,  # (max_seq_len, head_dim // 2)
                 start_pos: int = 0,  # absolute position of x[:, 0]
+                key_mask: Tensor | None = None,  # (B, S) bool over the keys attended to, False at padding (see Attention)
                 ) -> Tensor:  # (B, T, dim)
-        h = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, start_pos))
+        h = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, start_pos, key_mask))
         return h + self.dropout(self.feed_forward(self.ffn_norm(h)))
 
 # %% ../nbs/06_model.ipynb #f9ebe1e5
@@ -145,6 +146,7 @@ class Llama(nn.Module):
     def forward(self,
                 tokens: Tensor,  # (B, T) token ids in [0, vocab_size)
                 start_pos: int = 0,  # absolute position of tokens[:, 0] (non-zero only with a KV cache)
+                key_mask: Tensor | None = None,  # (B, S) bool over the keys attended to, False at left padding
                 ) -> Tensor:  # (B, T, vocab_size) float32 logits
         if tokens.ndim != 2 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
             raise ValueError(f"tokens must be an integer tensor of shape (batch_size, seq_len), "
@@ -158,7 +160,7 @@ class Llama(nn.Module):
             raise ValueError(f"token ids must be in [0, vocab_size={self.args.vocab_size}), got min {low}, max {high}")
         h = self.dropout(self.tok_embeddings(tokens))  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, self.rope_cos, self.rope_sin, start_pos)  # (B, T, dim)
+            h = layer(h, self.rope_cos, self.rope_sin, start_pos, key_mask)  # (B, T, dim)
         return self.output(self.norm(h)).float()  # (B, T, vocab_size)
 
     def enable_kv_cache(self,
@@ -244,10 +246,11 @@ def hf_state_dict(model: Llama) -> dict[str, Tensor]:
     return state
 
 # %% ../nbs/06_model.ipynb #cf14805c
-def to_hf_llama(model: Llama):  # -> transformers.LlamaForCausalLM
+def to_hf_llama(model: Llama,
+                **overrides):  # extra LlamaConfig fields for hf_llama_config, e.g. bos_token_id=1, eos_token_id=2
     "A `transformers.LlamaForCausalLM` with our model's weights (same dtype and device), in eval mode."
     from transformers import LlamaForCausalLM
-    hf_model = LlamaForCausalLM(hf_llama_config(model.args))
+    hf_model = LlamaForCausalLM(hf_llama_config(model.args, **overrides))
     weight = model.tok_embeddings.weight
     hf_model.to(device=weight.device, dtype=weight.dtype)
     missing, unexpected = hf_model.load_state_dict(hf_state_dict(model), strict=False)
