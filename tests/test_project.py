@@ -47,3 +47,13 @@ def test_console_scripts_resolve():
     for name, target in PYPROJECT["project"]["scripts"].items():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), f"{name} -> {target} is not callable"
+
+
+def test_main_command_is_the_same_everywhere_and_exists():
+    "The README's first command and the home page's are one line, and the console script it ends with is declared."
+    readme_blocks = re.findall(r"```bash\n(.+?)\n```", (ROOT / "README.md").read_text(), re.S)
+    home = "".join("".join(c["source"]) for c in json.loads((ROOT / "nbs" / "index.ipynb").read_text())["cells"])
+    home_blocks = re.findall(r"```bash\n(.+?)\n```", home, re.S)
+    assert readme_blocks[:2] == home_blocks[:2], f"README {readme_blocks[:2]} vs home page {home_blocks[:2]}"
+    script = readme_blocks[0].split()[-1].removeprefix(".venv/bin/")
+    assert script in PYPROJECT["project"]["scripts"], f"{script} is not a console script of pyproject.toml"

@@ -8,7 +8,7 @@ Docs: https://tinyllama-course.github.io/tinyllama/model.html.md"""
 __all__ = ['PRESETS', 'ModelArgs', 'TransformerBlock', 'Llama', 'count_parameters', 'flops_per_token', 'hf_llama_config',
            'hf_state_dict', 'to_hf_llama', 'from_hf_llama']
 
-# %% ../nbs/06_model.ipynb #8db959c7
+# %% ../nbs/06_model.ipynb #d1924837
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -22,7 +22,7 @@ from .norm import RMSNorm
 from .rope import half_to_interleaved, interleaved_to_half, precompute_rope
 from .swiglu import SwiGLU, ffn_hidden_dim
 
-# %% ../nbs/06_model.ipynb #a174e3e8
+# %% ../nbs/06_model.ipynb #997a0f62
 @dataclass
 class ModelArgs:
     "Sizes and hyper-parameters of a LLaMA-style model; validated on creation, JSON round-trippable."
@@ -85,7 +85,7 @@ class ModelArgs:
             raise ValueError(f"unknown ModelArgs field(s) {unknown}; valid fields are {sorted(known)}")
         return cls(**d)
 
-# %% ../nbs/06_model.ipynb #ebeb9261
+# %% ../nbs/06_model.ipynb #dbc2b5b0
 PRESETS: dict[str, ModelArgs] = {
     "tiny": ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=16, max_seq_len=64),
     "cpu": ModelArgs(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, vocab_size=1024, multiple_of=32, max_seq_len=256),
@@ -93,7 +93,7 @@ PRESETS: dict[str, ModelArgs] = {
                      dropout=0.1),
 }
 
-# %% ../nbs/06_model.ipynb #94964e0a
+# %% ../nbs/06_model.ipynb #27b82cbe
 class TransformerBlock(nn.Module):
     "Pre-norm LLaMA block: h = x + attention(norm(x)); out = h + feed_forward(norm(h))."
     def __init__(self, args: ModelArgs):
@@ -114,7 +114,7 @@ class TransformerBlock(nn.Module):
         h = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, start_pos, key_mask))
         return h + self.dropout(self.feed_forward(self.ffn_norm(h)))
 
-# %% ../nbs/06_model.ipynb #f9ebe1e5
+# %% ../nbs/06_model.ipynb #177cec39
 class Llama(nn.Module):
     "A LLaMA-style decoder-only transformer: embedding, pre-norm blocks, final norm, output head."
     def __init__(self, args: ModelArgs):
@@ -155,9 +155,10 @@ class Llama(nn.Module):
         if seq_len < 1 or start_pos < 0 or start_pos + seq_len > self.args.max_seq_len:
             raise ValueError(f"start_pos + seq_len = {start_pos} + {seq_len} must be in "
                              f"[1, max_seq_len={self.args.max_seq_len}] with start_pos >= 0")
-        low, high = tokens.min().item(), tokens.max().item()
-        if low < 0 or high >= self.args.vocab_size:
-            raise ValueError(f"token ids must be in [0, vocab_size={self.args.vocab_size}), got min {low}, max {high}")
+        if not torch.compiler.is_compiling():  # .item() waits for the device and would split a compiled graph
+            low, high = tokens.min().item(), tokens.max().item()
+            if low < 0 or high >= self.args.vocab_size:
+                raise ValueError(f"token ids must be in [0, vocab_size={self.args.vocab_size}), got min {low}, max {high}")
         h = self.dropout(self.tok_embeddings(tokens))  # (B, T, dim)
         for layer in self.layers:
             h = layer(h, self.rope_cos, self.rope_sin, start_pos, key_mask)  # (B, T, dim)
@@ -180,7 +181,7 @@ class Llama(nn.Module):
         for layer in self.layers:
             layer.attention.cache = None
 
-# %% ../nbs/06_model.ipynb #5cfd793f
+# %% ../nbs/06_model.ipynb #6a7fca32
 def count_parameters(model: nn.Module,  # a Llama
                      exclude_embeddings: bool = False,  # leave out the token embedding and output head
                      ) -> int:
@@ -192,7 +193,7 @@ def count_parameters(model: nn.Module,  # a Llama
             n -= model.output.weight.numel()
     return n
 
-# %% ../nbs/06_model.ipynb #ce3eecf2
+# %% ../nbs/06_model.ipynb #ac0609c8
 def flops_per_token(args: ModelArgs,
                     seq_len: int,  # training context length T
                     ) -> float:
@@ -206,7 +207,7 @@ def flops_per_token(args: ModelArgs,
     n_params = args.n_layers * (attention + feed_forward + norms) + dim + dim * args.vocab_size  # + final norm, head
     return 6.0 * n_params + 12.0 * args.n_layers * dim * seq_len
 
-# %% ../nbs/06_model.ipynb #7d615dbc
+# %% ../nbs/06_model.ipynb #09968029
 def hf_llama_config(args: ModelArgs,
                     **overrides):  # extra LlamaConfig fields, e.g. bos_token_id=1, eos_token_id=2
     "The `transformers.LlamaConfig` describing the same architecture as `args` (eager attention, float32)."
@@ -222,7 +223,7 @@ def hf_llama_config(args: ModelArgs,
         attn_implementation="eager", dtype=torch.float32)
     return LlamaConfig(**(config | overrides))
 
-# %% ../nbs/06_model.ipynb #38dfde6c
+# %% ../nbs/06_model.ipynb #4dc2dfdf
 def hf_state_dict(model: Llama) -> dict[str, Tensor]:
     "Our weights under Hugging Face LlamaForCausalLM names and RoPE layout (no lm_head when tied)."
     args = model.args
@@ -245,7 +246,7 @@ def hf_state_dict(model: Llama) -> dict[str, Tensor]:
         }
     return state
 
-# %% ../nbs/06_model.ipynb #cf14805c
+# %% ../nbs/06_model.ipynb #5848612f
 def to_hf_llama(model: Llama,
                 **overrides):  # extra LlamaConfig fields for hf_llama_config, e.g. bos_token_id=1, eos_token_id=2
     "A `transformers.LlamaForCausalLM` with our model's weights (same dtype and device), in eval mode."
@@ -261,7 +262,7 @@ def to_hf_llama(model: Llama,
         raise RuntimeError("LlamaForCausalLM did not tie lm_head to embed_tokens")
     return hf_model.eval()
 
-# %% ../nbs/06_model.ipynb #ea2e25ab
+# %% ../nbs/06_model.ipynb #961d73a3
 def from_hf_llama(hf_model,  # a transformers.LlamaForCausalLM
                   ) -> Llama:
     "Our `Llama` with the weights of a Hugging Face `LlamaForCausalLM` (same dtype and device)."
