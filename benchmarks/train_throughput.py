@@ -1,6 +1,6 @@
 """Training throughput and MFU of tinyllama's training step, next to a plain PyTorch transformer of the same shape.
 
-    python benchmarks/train_throughput.py                      # the cpu preset's shape
+    python benchmarks/train_throughput.py                      # the cpu preset's shape, dtype and compilation
     python benchmarks/train_throughput.py --preset gpu --dtype bfloat16 --device cuda
     python benchmarks/train_throughput.py --dim 256 --n-layers 4 --n-heads 4 --batch-size 16 --repeats 7
 
@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinyllama.model import Llama, ModelArgs, count_parameters, flops_per_token
-from tinyllama.train import TRAIN_PRESETS, configure_optimizer, peak_flops, pick_device, train_step
+from tinyllama.train import TRAIN_PRESETS, configure_optimizer, peak_flops, pick_device, resolve_dtype, train_step
 
 
 class ReferenceLM(nn.Module):
@@ -75,6 +75,8 @@ def main(argv=None):
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile both models (default: as the preset trains)")
     parser.add_argument("--steps", type=int, default=3, help="optimiser steps per measurement")
     parser.add_argument("--repeats", type=int, default=5, help="measurements per model; the median is reported")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
@@ -86,9 +88,9 @@ def main(argv=None):
                                ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size") if getattr(a, k) is not None})
     batch_size, seq_len = a.batch_size or cfg.batch_size, a.seq_len or cfg.seq_len
     args = dataclasses.replace(args, max_seq_len=max(args.max_seq_len, seq_len))
-    dtype_name = a.dtype or cfg.dtype
-    autocast = torch.bfloat16 if dtype_name == "bfloat16" else None
     device = pick_device(a.device)
+    dtype_name = resolve_dtype(a.dtype or cfg.dtype, device)  # the preset's 'auto' becomes what training would use
+    autocast = torch.bfloat16 if dtype_name == "bfloat16" else None
     peak, source = peak_flops(device, dtype_name, threads=torch.get_num_threads())
 
     torch.manual_seed(0)
@@ -97,18 +99,20 @@ def main(argv=None):
     models = {"tinyllama": ours, "reference": reference}
     fpt = {"tinyllama": flops_per_token(args, seq_len), "reference": reference_flops_per_token(reference, args, seq_len)}
     optimizers = {name: configure_optimizer(m, cfg) for name, m in models.items()}
+    compiled = cfg.compile if a.compile is None else a.compile
+    steppers = {name: torch.compile(m) if compiled else m for name, m in models.items()}  # same parameters
     batches = []
     for _ in range(4):
         tokens = torch.randint(0, args.vocab_size, (batch_size, seq_len + 1))  # (B, T+1)
         batches.append((tokens[:, :-1].to(device), tokens[:, 1:].to(device)))
     for name in models:  # warm-up: allocator, kernels, AdamW state
-        time_steps(models[name], optimizers[name], batches, autocast, 2, device)
+        time_steps(steppers[name], optimizers[name], batches, autocast, 2, device)
     seconds = {name: [] for name in models}
     for _ in range(a.repeats):
         for name in models:
-            seconds[name].append(time_steps(models[name], optimizers[name], batches, autocast, a.steps, device))
+            seconds[name].append(time_steps(steppers[name], optimizers[name], batches, autocast, a.steps, device))
 
-    print(f"device {device} ({torch.get_num_threads()} threads), {dtype_name}; peak {peak / 1e9:,.0f} GFLOP/s ({source})")
+    print(f"device {device} ({torch.get_num_threads()} threads), {dtype_name}, {'compiled' if compiled else 'eager'}; peak {peak / 1e9:,.0f} GFLOP/s ({source})")
     print(f"shape: dim={args.dim} n_layers={args.n_layers} n_heads={args.n_heads} n_kv_heads={args.n_kv_heads} "
           f"hidden_dim={args.hidden_dim} vocab_size={args.vocab_size}; batch {batch_size} x {seq_len} tokens; "
           f"median of {a.repeats} x {a.steps} steps")
