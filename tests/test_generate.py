@@ -21,15 +21,6 @@ from tinyllama.tokenizer import CharTokenizer, train_tokenizer
 from tinyllama.train import TRAIN_PRESETS, load_trained_model, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small models on a busy 2-core machine: a second OpenMP thread only waits
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     "A checkpoint of the tiny preset, trained for seconds, with a 256-token context so that 200 tokens fit."

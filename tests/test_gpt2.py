@@ -11,6 +11,7 @@ from torch.testing import assert_close
 
 from tinyllama.gpt2 import (GPT2, GPT2Args, GPT2Attention, GPT2MLP, from_hf_gpt2, gpt2_flops_per_token,
                             hf_gpt2_config, hf_gpt2_state_dict, load_pretrained_gpt2, matched_gpt2_args, to_hf_gpt2)
+from tinyllama.generate import generate_tokens
 from tinyllama.model import PRESETS, Llama, ModelArgs, count_parameters
 
 SMALL = GPT2Args(dim=48, n_layers=2, n_heads=6, vocab_size=300, max_seq_len=64)
@@ -31,18 +32,6 @@ def randomized(args: GPT2Args) -> GPT2:
             is_gain = "norm" in name and name.endswith("weight")
             p.copy_(1 + 0.3 * torch.randn_like(p) if is_gain else std * torch.randn_like(p))
     return model
-
-
-def greedy(model: GPT2, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    "Argmax decoding with our KV cache."
-    model.enable_kv_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens)
-    with torch.no_grad():
-        logits, new = model(prompt), []
-        for step in range(max_new_tokens):
-            new.append(logits[:, -1].argmax(-1, keepdim=True))
-            logits = model(new[-1], start_pos=prompt.shape[1] + step) if step + 1 < max_new_tokens else None
-    model.disable_kv_cache()
-    return torch.cat(new, dim=1)
 
 
 def test_args_validate_and_round_trip():
@@ -280,7 +269,8 @@ def test_greedy_continuation_matches_generate(name):
     expected = hf.generate(prompt, do_sample=False, max_new_tokens=20, min_new_tokens=20,
                            pad_token_id=0)[:, prompt.shape[1]:]
     assert expected.shape == (1, 20)
-    assert torch.equal(greedy(ours, prompt, 20), expected)
+    ours_new = torch.stack(list(generate_tokens(ours, prompt.tolist(), 20)), dim=1)  # greedy, with the KV cache
+    assert torch.equal(ours_new, expected)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -26,16 +26,6 @@ TINY = dataclasses.replace(TRAIN_PRESETS["tiny"], max_chars=100_000, max_steps=8
                            sample_tokens=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from a second thread, and on a busy 2-core machine OpenMP threads that wait for
-    # each other make them ten times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(tmp_path, name="run", **overrides) -> TrainConfig:
     return dataclasses.replace(TINY, out_dir=str(tmp_path / name), **overrides)
 

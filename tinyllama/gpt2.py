@@ -8,7 +8,7 @@ Docs: https://tinyllama-course.github.io/tinyllama/gpt2.html.md"""
 __all__ = ['GPT2Args', 'GPT2MLP', 'GPT2Attention', 'GPT2Block', 'GPT2', 'gpt2_flops_per_token', 'matched_gpt2_args',
            'hf_gpt2_config', 'hf_gpt2_state_dict', 'to_hf_gpt2', 'from_hf_gpt2', 'load_pretrained_gpt2']
 
-# %% ../nbs/09_gpt2.ipynb #4f1842e1
+# %% ../nbs/09_gpt2.ipynb #0583ee0f
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -23,7 +23,7 @@ from .attention import KVCache, causal_mask
 from .model import Llama, ModelArgs, count_parameters
 from .train import Architecture, register_architecture
 
-# %% ../nbs/09_gpt2.ipynb #facc2fc2
+# %% ../nbs/09_gpt2.ipynb #cf61fc11
 @dataclass
 class GPT2Args:
     "Sizes and hyper-parameters of a GPT-2-style model; validated on creation, JSON round-trippable."
@@ -62,6 +62,11 @@ class GPT2Args:
         "Hidden size of the MLP, 4 * dim."
         return 4 * self.dim
 
+    @property
+    def n_kv_heads(self) -> int:
+        "Key/value heads: as many as query heads (GPT-2 has no grouped-query attention)."
+        return self.n_heads
+
     def to_dict(self) -> dict:
         "The fields as a plain dict (JSON-serialisable)."
         return dataclasses.asdict(self)
@@ -75,7 +80,7 @@ class GPT2Args:
             raise ValueError(f"unknown GPT2Args field(s) {unknown}; valid fields are {sorted(known)}")
         return cls(**d)
 
-# %% ../nbs/09_gpt2.ipynb #8ab48112
+# %% ../nbs/09_gpt2.ipynb #4c4431c0
 class GPT2MLP(nn.Module):
     "GPT-2's feed-forward layer: w2(gelu_tanh(w1 x)), hidden size 4 * dim, with biases."
     def __init__(self,
@@ -92,7 +97,7 @@ class GPT2MLP(nn.Module):
                 ) -> Tensor:  # (..., dim)
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))
 
-# %% ../nbs/09_gpt2.ipynb #b5c993d3
+# %% ../nbs/09_gpt2.ipynb #987969ea
 class GPT2Attention(nn.Module):
     "Causal multi-head self-attention with biases and no rotation, as in GPT-2; optional KV cache."
     def __init__(self,
@@ -152,7 +157,7 @@ class GPT2Attention(nn.Module):
         out = out.transpose(1, 2).reshape(batch_size, seq_len, self.dim)  # (B, T, dim)
         return self.wo(out)
 
-# %% ../nbs/09_gpt2.ipynb #eebe1fa8
+# %% ../nbs/09_gpt2.ipynb #340f9bec
 class GPT2Block(nn.Module):
     "Pre-norm GPT-2 block: h = x + attention(ln(x)); out = h + mlp(ln(h)), LayerNorm with bias."
     def __init__(self, args: GPT2Args):
@@ -171,7 +176,7 @@ class GPT2Block(nn.Module):
         h = x + self.dropout(self.attention(self.attention_norm(x), start_pos, key_mask))
         return h + self.dropout(self.feed_forward(self.ffn_norm(h)))
 
-# %% ../nbs/09_gpt2.ipynb #6ad39757
+# %% ../nbs/09_gpt2.ipynb #8f96712c
 class GPT2(nn.Module):
     "A GPT-2-style decoder-only transformer, with the same forward contract as `Llama`."
     def __init__(self, args: GPT2Args):
@@ -231,24 +236,11 @@ class GPT2(nn.Module):
             h = layer(h, start_pos, key_mask)  # (B, T, dim)
         return self.output(self.norm(h)).float()  # (B, T, vocab_size)
 
-    def enable_kv_cache(self,
-                        batch_size: int,  # the largest batch that will be generated
-                        max_seq_len: int | None = None):  # defaults to args.max_seq_len
-        "Give every attention layer a pre-allocated KV cache (in the model's dtype and device)."
-        max_seq_len = self.args.max_seq_len if max_seq_len is None else max_seq_len
-        if not 1 <= max_seq_len <= self.args.max_seq_len:
-            raise ValueError(f"max_seq_len={max_seq_len} must be in [1, args.max_seq_len={self.args.max_seq_len}]")
-        weight = self.tok_embeddings.weight
-        for layer in self.layers:
-            layer.attention.cache = KVCache(batch_size, max_seq_len, self.args.n_heads, self.args.head_dim,
-                                            dtype=weight.dtype, device=weight.device)
+    # the KV cache is chapter 06's: one KVCache of args.n_kv_heads (here n_heads) heads in every layer
+    enable_kv_cache = Llama.enable_kv_cache
+    disable_kv_cache = Llama.disable_kv_cache
 
-    def disable_kv_cache(self):
-        "Drop the KV caches (training mode: every forward sees the whole sequence)."
-        for layer in self.layers:
-            layer.attention.cache = None
-
-# %% ../nbs/09_gpt2.ipynb #7b9b5784
+# %% ../nbs/09_gpt2.ipynb #7a76478c
 def gpt2_flops_per_token(args: GPT2Args,
                          seq_len: int,  # training context length T
                          ) -> float:
@@ -262,12 +254,12 @@ def gpt2_flops_per_token(args: GPT2Args,
     n_params = args.n_layers * (matrices + biases + 2 * norm_params) + norm_params + dim * args.vocab_size
     return 6.0 * n_params + 12.0 * args.n_layers * dim * seq_len
 
-# %% ../nbs/09_gpt2.ipynb #4b4a148f
+# %% ../nbs/09_gpt2.ipynb #a179cdb8
 register_architecture("gpt2", Architecture(
     GPT2Args, GPT2, gpt2_flops_per_token,
     shape_fields=("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len", "bias", "tie_embeddings")))
 
-# %% ../nbs/09_gpt2.ipynb #7d0db3a7
+# %% ../nbs/09_gpt2.ipynb #9b76ceff
 def matched_gpt2_args(llama_args: ModelArgs,  # the LLaMA to match
                       n_layers: int | None = None,  # GPT-2 depth; None keeps the LLaMA's
                       n_heads: int | None = None,  # GPT-2 heads; None keeps the LLaMA's
@@ -303,7 +295,7 @@ def matched_gpt2_args(llama_args: ModelArgs,  # the LLaMA to match
                          f"{gap:+.1%} parameters, outside tolerance={tolerance}; try another n_layers or n_heads")
     return build(best)
 
-# %% ../nbs/09_gpt2.ipynb #c54d7dc9
+# %% ../nbs/09_gpt2.ipynb #e78353c4
 def hf_gpt2_config(args: GPT2Args,
                    **overrides):  # extra GPT2Config fields, e.g. eos_token_id=0
     "The `transformers.GPT2Config` describing the same architecture as `args` (eager attention)."
@@ -321,7 +313,7 @@ def hf_gpt2_config(args: GPT2Args,
         attn_implementation="eager")
     return GPT2Config(**(config | overrides))
 
-# %% ../nbs/09_gpt2.ipynb #7524c79c
+# %% ../nbs/09_gpt2.ipynb #7def550b
 def hf_gpt2_state_dict(model: GPT2) -> dict[str, Tensor]:
     "Our weights under Hugging Face GPT2LMHeadModel names, Conv1D matrices transposed (no lm_head when tied)."
     if not model.args.bias:
@@ -350,7 +342,7 @@ def hf_gpt2_state_dict(model: GPT2) -> dict[str, Tensor]:
         }
     return state
 
-# %% ../nbs/09_gpt2.ipynb #557fa88a
+# %% ../nbs/09_gpt2.ipynb #4e10bd9e
 def to_hf_gpt2(model: GPT2):  # -> transformers.GPT2LMHeadModel
     "A `transformers.GPT2LMHeadModel` with our model's weights (same dtype and device), in eval mode."
     from transformers import GPT2LMHeadModel
@@ -365,7 +357,7 @@ def to_hf_gpt2(model: GPT2):  # -> transformers.GPT2LMHeadModel
         raise RuntimeError("GPT2LMHeadModel did not tie lm_head to wte")
     return hf_model.eval()
 
-# %% ../nbs/09_gpt2.ipynb #6e9bfac9
+# %% ../nbs/09_gpt2.ipynb #939648e8
 def from_hf_gpt2(hf_model,  # a transformers.GPT2LMHeadModel
                  ) -> GPT2:
     "Our `GPT2` with the weights of a Hugging Face `GPT2LMHeadModel` (same dtype and device), in eval mode."
@@ -414,7 +406,7 @@ def from_hf_gpt2(hf_model,  # a transformers.GPT2LMHeadModel
     model.load_state_dict(state, strict=True)
     return model.eval()
 
-# %% ../nbs/09_gpt2.ipynb #e8ee71b0
+# %% ../nbs/09_gpt2.ipynb #7ca83548
 def load_pretrained_gpt2(path: str | Path,  # a folder written by save_pretrained, e.g. a local copy of `gpt2`
                          dtype: torch.dtype = torch.float32,  # dtype of the returned model
                          ) -> GPT2:
