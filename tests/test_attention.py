@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from tinyllama.attention import Attention, KVCache, causal_mask, repeat_kv
+from tinyllama.attention import Attention, KVCache, attend, causal_mask, repeat_kv
 from tinyllama.rope import apply_rope, precompute_rope
 
 MAX_SEQ_LEN = 32
@@ -70,6 +70,52 @@ def test_causal_mask_values():
 def test_repeat_kv_matches_repeat_interleave(n_rep):
     x = torch.randn(2, 5, 4, 8)
     assert_close(repeat_kv(x, n_rep), torch.repeat_interleave(x, n_rep, dim=2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_attend_matches_explicit_softmax(n_kv_heads):
+    "attend on raw q, k, v: an explicit masked softmax per head, head h reading key/value head h // n_rep."
+    q = torch.randn(2, 7, 4, 8)  # (B, T, n_heads, head_dim)
+    k, v = torch.randn(2, 2, 7, n_kv_heads, 8).unbind(0)  # (B, T, n_kv_heads, head_dim)
+    n_rep = 4 // n_kv_heads
+    future = torch.ones(7, 7, dtype=torch.bool).triu(1)  # (T, T), True above the diagonal
+    heads = []
+    for h in range(4):
+        scores = q[:, :, h] @ k[:, :, h // n_rep].transpose(1, 2) / math.sqrt(8)  # (B, T, T)
+        heads.append(scores.masked_fill(future, float("-inf")).softmax(-1) @ v[:, :, h // n_rep])  # (B, T, head_dim)
+    assert_close(attend(q, k, v), torch.cat(heads, dim=-1), rtol=1e-5, atol=1e-6)
+
+
+def test_attend_with_cache_in_pieces_equals_one_pass():
+    q = torch.randn(2, 9, 4, 8)  # (B, T, n_heads, head_dim)
+    k, v = torch.randn(2, 2, 9, 2, 8).unbind(0)  # (B, T, n_kv_heads, head_dim)
+    full = attend(q, k, v)
+    cache = KVCache(2, 16, 2, 8)
+    pieces = [attend(q[:, a:b], k[:, a:b], v[:, a:b], cache, start_pos=a) for a, b in [(0, 4), (4, 7), (7, 8), (8, 9)]]
+    assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-6)
+
+
+def test_attend_key_mask_hides_padding_and_never_returns_nan():
+    q = torch.randn(2, 6, 2, 8)
+    k, v = torch.randn(2, 2, 6, 2, 8).unbind(0)
+    key_mask = torch.ones(2, 6, dtype=torch.bool)
+    key_mask[1, :2] = False  # row 1: two pads in front
+    out = attend(q, k, v, key_mask=key_mask)  # (B, T, n_heads * head_dim)
+    assert not out.isnan().any()
+    assert_close(out[1, 2:], attend(q[1:, 2:], k[1:, 2:], v[1:, 2:])[0], rtol=1e-5, atol=1e-6)
+    assert_close(out[0], attend(q[:1], k[:1], v[:1])[0], rtol=0, atol=0)
+
+
+def test_attend_bad_args():
+    q, k = torch.randn(1, 5, 6, 8), torch.randn(1, 5, 4, 8)
+    with pytest.raises(ValueError, match="n_kv_heads=4 .* must divide n_heads=6"):
+        attend(q, k, k)
+    with pytest.raises(ValueError, match="head_dim"):
+        attend(q, k[..., :4], k[..., :4])
+    with pytest.raises(ValueError, match="start_pos=-1"):
+        attend(q, q, q, start_pos=-1)
+    with pytest.raises(ValueError, match=r"key_mask must be a bool tensor of shape .* = \(1, 5\)"):
+        attend(q, q, q, key_mask=torch.ones(1, 4, dtype=torch.bool))
 
 
 def test_causality():

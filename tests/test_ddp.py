@@ -17,7 +17,7 @@ FLAGS = ["--preset", "tiny", "--max-chars", "100000", "--dropout", "0", "--max-s
 
 def test_two_processes_equal_one_process_with_twice_the_accumulation(tmp_path):
     worker = tmp_path / "worker.py"
-    worker.write_text("import sys\nfrom tinyllama.train import main\nmain(sys.argv[1:])\n")
+    worker.write_text("import sys\nfrom tinyllama.cli import main\nmain(sys.argv[1:])\n")
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker), *FLAGS,
          "--grad-accum-steps", "1", "--out-dir", str(tmp_path / "ddp")],

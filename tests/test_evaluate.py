@@ -1,4 +1,4 @@
-"Evaluation: whole-split metrics against brute-force loops, count baselines against numpy, the hybrid against Llama, the pretrained GPT-2 path against transformers."
+"Evaluation: whole-split metrics against brute-force loops, count baselines against numpy, the pretrained GPT-2 path against transformers."
 import dataclasses
 import math
 
@@ -9,13 +9,12 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from tinyllama.data import load_corpus, split_text
-from tinyllama.evaluate import (GPT2_PATH_ENV, CountModel, Hybrid, HybridArgs, choose_alpha, finetune,
-                                fit_count_model, hybrid_flops_per_token, load_gpt2_with_tokenizer, loss_by_position,
-                                pretrained_gpt2_dir, split_metrics, token_nll, window_plan)
+from tinyllama.evaluate import (GPT2_PATH_ENV, CountModel, choose_alpha, finetune, fit_count_model,
+                                load_gpt2_with_tokenizer, loss_by_position, pretrained_gpt2_dir, split_metrics,
+                                token_nll, window_plan)
 from tinyllama.gpt2 import GPT2Args, hf_gpt2_config
-from tinyllama.model import Llama, ModelArgs, count_parameters, flops_per_token
+from tinyllama.model import Llama, ModelArgs
 from tinyllama.tokenizer import CharTokenizer
-from tinyllama.train import TrainConfig, load_trained_model, train
 
 SMALL = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16, max_seq_len=64)
 
@@ -115,66 +114,6 @@ def test_count_baselines_against_numpy(text):
         fit_count_model(torch.tensor(train_ids), vocab_size, 1, alpha=0.0)
     with pytest.raises(ValueError, match="order"):
         CountModel(torch.zeros(5), order=3)
-
-
-def test_hybrid_at_llama_settings_is_llama():
-    args = dataclasses.replace(SMALL, vocab_size=80)
-    torch.manual_seed(3)
-    llama = Llama(args).eval()
-    torch.manual_seed(3)
-    hybrid = Hybrid(HybridArgs(**args.to_dict())).eval()
-    tokens = torch.randint(0, 80, (2, 50))
-    with torch.no_grad():
-        assert torch.equal(llama(tokens), hybrid(tokens))
-    assert hybrid_flops_per_token(HybridArgs(**args.to_dict()), 64) == flops_per_token(args, 64)
-
-
-def test_hybrid_switches_change_the_parameter_count_as_expected():
-    args = HybridArgs(dim=48, n_layers=3, n_heads=4, vocab_size=100, multiple_of=32, max_seq_len=40)
-    n_llama = count_parameters(Llama(ModelArgs(**{k: v for k, v in args.to_dict().items()
-                                                 if k not in ("norm", "positions", "mlp")})))
-    assert count_parameters(Hybrid(args)) == n_llama
-    dim, hidden = args.dim, args.hidden_dim
-    expected = {("norm", "layernorm"): (2 * 3 + 1) * dim, ("positions", "learned"): 40 * dim,
-                ("mlp", "gelu"): 3 * (2 * dim * 4 * dim + 4 * dim + dim - 3 * dim * hidden)}
-    for (name, value), delta in expected.items():
-        model = Hybrid(dataclasses.replace(args, **{name: value}))
-        assert count_parameters(model) - n_llama == delta, name
-    everything = Hybrid(dataclasses.replace(args, norm="layernorm", positions="learned", mlp="gelu"))
-    assert count_parameters(everything) - n_llama == sum(expected.values())
-    assert all(isinstance(m, torch.nn.LayerNorm) for m in (everything.norm, everything.layers[0].ffn_norm))
-    assert everything.output.weight is everything.tok_embeddings.weight  # still tied
-    with pytest.raises(ValueError, match="positions"):
-        HybridArgs(positions="alibi")
-
-
-def test_learned_positions_cache_equals_recomputation_and_stop_at_max_seq_len():
-    model = Hybrid(HybridArgs(dim=32, n_layers=2, n_heads=4, vocab_size=60, max_seq_len=24, positions="learned")).eval()
-    tokens = torch.randint(0, 60, (2, 24))
-    with torch.no_grad():
-        full = model(tokens)
-        shifted = model(tokens[:, 1:])  # the same tokens at other positions: other logits
-        model.enable_kv_cache(2)
-        steps = [model(tokens[:, :10])] + [model(tokens[:, t:t + 1], start_pos=t) for t in range(10, 24)]
-        model.disable_kv_cache()
-    assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
-    assert not torch.allclose(shifted[:, 0], full[:, 1], atol=1e-3)
-    assert (model.rope_cos == 1).all() and (model.rope_sin == 0).all()
-    with pytest.raises(ValueError, match="max_seq_len"):
-        model(torch.zeros(1, 25, dtype=torch.long))
-
-
-def test_hybrid_trains_and_its_checkpoint_reloads(tmp_path):
-    cfg = TrainConfig(arch="hybrid", model=HybridArgs(dim=32, n_layers=1, n_heads=2, max_seq_len=32, norm="layernorm",
-                                                      positions="learned", mlp="gelu"),
-                      tokenizer="char", max_chars=20_000, batch_size=4, seq_len=32, max_steps=6, warmup_steps=1,
-                      lr=3e-3, eval_interval=6, eval_batches=2, dtype="float32", sample_tokens=0, out_dir=str(tmp_path))
-    result = train(cfg, progress=False)
-    assert result.losses[-1] < result.losses[0]
-    model, _, loaded_cfg = load_trained_model(tmp_path)
-    assert isinstance(model, Hybrid) and loaded_cfg.arch == "hybrid" and loaded_cfg.model.mlp == "gelu"
-    for key, value in result.model.state_dict().items():
-        assert torch.equal(model.state_dict()[key], value), key
 
 
 def test_loss_by_position_is_the_mean_over_full_windows():

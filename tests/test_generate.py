@@ -2,6 +2,7 @@
 import dataclasses
 import io
 import math
+import re
 import shutil
 import sys
 
@@ -389,4 +390,15 @@ def test_cli_checkpoint_problems(checkpoint, tmp_path, capsys):
     CharTokenizer("abcdef").save(mixed / "tokenizer.model")  # a tokenizer from somewhere else
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(mixed), "--prompt", "abc"])
+    assert re.search(r"mixed/tokenizer\.model has \d+ bytes, manifest\.json says \d+", capsys.readouterr().err)  # noticed first
+    (mixed / "manifest.json").unlink()  # a checkpoint from before the manifest: the shapes must notice
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(mixed), "--prompt", "abc"])
     assert "do not belong together" in capsys.readouterr().err
+
+
+def test_cli_refuses_stdin_that_is_not_utf8(checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("ROMEO: ¿qué?".encode("latin-1"))))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", checkpoint, "--prompt", "-"])
+    assert exit_info.value.code == 2 and "standard input is not UTF-8" in capsys.readouterr().err

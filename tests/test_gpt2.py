@@ -9,10 +9,10 @@ import torch.nn.functional as F
 import transformers  # a dev dependency (pyproject [dev]); the package itself imports it lazily
 from torch.testing import assert_close
 
-from tinyllama.gpt2 import (GPT2, GPT2Args, GPT2Attention, GPT2MLP, from_hf_gpt2, gpt2_flops_per_token,
-                            hf_gpt2_config, hf_gpt2_state_dict, load_pretrained_gpt2, matched_gpt2_args, to_hf_gpt2)
+from tinyllama.gpt2 import (GPT2, GPT2Args, GPT2Attention, GPT2MLP, from_hf_gpt2, hf_gpt2_config, hf_gpt2_state_dict,
+                            load_pretrained_gpt2, matched_gpt2_args, to_hf_gpt2)
 from tinyllama.generate import generate_tokens
-from tinyllama.model import PRESETS, Llama, ModelArgs, count_parameters
+from tinyllama.model import PRESETS, Llama, ModelArgs, build_model, count_parameters, flops_per_token, get_architecture
 
 SMALL = GPT2Args(dim=48, n_layers=2, n_heads=6, vocab_size=300, max_seq_len=64)
 CONFIGS = {
@@ -62,7 +62,7 @@ def test_positions_past_the_table_are_an_error():
     model(torch.zeros(1, SMALL.max_seq_len, dtype=torch.long))  # the whole table is usable
     with pytest.raises(ValueError, match="max_seq_len=64"):
         model(torch.zeros(1, SMALL.max_seq_len + 1, dtype=torch.long))
-    with pytest.raises(ValueError, match="position embedding"):
+    with pytest.raises(ValueError, match=r"start_pos \+ seq_len = 64 \+ 1 must be in \[1, max_seq_len=64\]"):
         model(torch.zeros(1, 1, dtype=torch.long), start_pos=SMALL.max_seq_len)
     with pytest.raises(ValueError, match="start_pos"):
         model(torch.zeros(1, 1, dtype=torch.long), start_pos=-1)
@@ -160,6 +160,33 @@ def test_attention_matches_textbook_formula():
         assert_close(attention(x), expected, rtol=0, atol=1e-5)
 
 
+def test_attention_with_cache_and_padding_is_chapter_05s_attend():
+    "GPT2Attention is projections around chapter 05's attend: the same output for the same q, k, v, cache and mask."
+    from tinyllama.attention import KVCache, attend
+    attention = GPT2Attention(30, n_heads=3).eval()
+    x = torch.randn(2, 6, 30)
+    key_mask = torch.ones(2, 6, dtype=torch.bool)
+    key_mask[0, :2] = False
+    with torch.no_grad():
+        q, k, v = (w(x).view(2, 6, 3, 10) for w in (attention.wq, attention.wk, attention.wv))
+        assert_close(attention(x, key_mask=key_mask), attention.wo(attend(q, k, v, key_mask=key_mask)), rtol=0, atol=0)
+        attention.cache = KVCache(2, 8, 3, 10)
+        attention(x[:, :4])
+        expected = attention.wo(attend(q, k, v))[:, 4:]  # (B, 2, dim) from one pass without a cache
+        assert_close(attention(x[:, 4:], start_pos=4), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_registered_in_chapter_06s_registry_without_the_trainer():
+    "gpt2 registers with tinyllama.model and never imports tinyllama.train (imports run down the chapter order)."
+    import subprocess, sys
+    code = ("import sys, tinyllama.gpt2 as g, tinyllama.model as m; "
+            "assert m.get_architecture('gpt2').model_class is g.GPT2; "
+            "assert 'tinyllama.train' not in sys.modules, 'tinyllama.gpt2 imported tinyllama.train'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert get_architecture("gpt2").args_class is GPT2Args
+    assert type(build_model(SMALL)) is GPT2
+
+
 def test_mlp_is_tanh_gelu_mlp():
     mlp = GPT2MLP(16, 64)
     x = torch.randn(4, 16, dtype=torch.float64)
@@ -208,9 +235,9 @@ def test_parameter_count_closed_form_and_flops():
         expected = args.n_layers * per_layer + (2 if bias else 1) * d + (args.vocab_size + args.max_seq_len) * d + head
         assert count_parameters(model) == expected
         n_matmul = expected - (args.vocab_size + args.max_seq_len) * d - head + args.vocab_size * d
-        assert gpt2_flops_per_token(args, 32) == 6 * n_matmul + 12 * args.n_layers * d * 32
-    with pytest.raises(ValueError, match="seq_len"):
-        gpt2_flops_per_token(SMALL, 0)
+        assert flops_per_token(args, 32) == 6 * n_matmul + 12 * args.n_layers * d * 32  # chapter 06's, generic
+    with pytest.raises(ValueError, match="seq_len=0"):
+        flops_per_token(SMALL, 0)
 
 
 @pytest.mark.parametrize("llama_args, n_heads", [(PRESETS["tiny"], 2), (PRESETS["cpu"], None), (PRESETS["gpu"], None),
@@ -332,7 +359,7 @@ def test_it_learns():
 
 def test_trains_with_chapter_07_loop_and_checkpoints(tmp_path):
     "TrainConfig(arch='gpt2') goes through train(); the checkpoint reloads as a GPT2 and refuses a Llama."
-    from tinyllama.train import TrainConfig, get_architecture, load_checkpoint, load_trained_model, train
+    from tinyllama.train import TrainConfig, load_checkpoint, load_trained_model, train
     cfg = TrainConfig(arch="gpt2", model=GPT2Args(dim=32, n_layers=1, n_heads=2, max_seq_len=32), tokenizer="char",
                       max_chars=20_000, batch_size=4, seq_len=32, max_steps=4, warmup_steps=1, eval_interval=4,
                       eval_batches=2, dtype="float32", sample_tokens=5, out_dir=str(tmp_path / "run"))

@@ -15,11 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-import tinyllama.train as T
+from tinyllama.cli import config_from_args, main
 from tinyllama.model import Llama, PRESETS
-from tinyllama.train import (TRAIN_PRESETS, TrainConfig, check_compatible, config_from_args, configure_optimizer,
-                             evaluate, get_lr, load_checkpoint, main, prepare_data, resolve_checkpoint,
-                             save_checkpoint, train)
+from tinyllama.train import (TRAIN_PRESETS, TrainConfig, check_compatible, configure_optimizer, evaluate, get_lr,
+                             load_checkpoint, prepare_data, resolve_checkpoint, save_checkpoint, train)
 
 # a small slice of the corpus keeps every run here well under a second
 TINY = dataclasses.replace(TRAIN_PRESETS["tiny"], max_chars=100_000, max_steps=8, eval_interval=4, grad_accum_steps=2,
@@ -65,7 +64,7 @@ def test_weight_decay_on_matrices_only():
 def test_evaluate_untrained_model_is_near_log_vocab():
     data = prepare_data(TINY)
     model = Llama(dataclasses.replace(TINY.model, vocab_size=data.tokenizer.vocab_size))
-    val = evaluate(model, data.val_ids, data.val_chars, batch_size=16, seq_len=32)
+    val = evaluate(model, data.val_ids, data.val_chars, seq_len=32, batch_size=16)
     assert val["tokens"] == len(data.val_ids) - 1  # the whole split: every target once
     assert abs(val["loss"] - math.log(data.tokenizer.vocab_size)) < 0.05
     assert val["nats_per_char"] == pytest.approx(val["loss"])  # characters: one token per character
@@ -204,7 +203,7 @@ def test_cli_prints_results(tmp_path, capsys, monkeypatch):
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     run = tmp_path / "sig"
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from tinyllama.train import main; main()", "--preset", "tiny", "--max-chars", "100000",
+        [sys.executable, "-c", "from tinyllama.cli import main; main()", "--preset", "tiny", "--max-chars", "100000",
          "--max-steps", "100000", "--log-interval", "1", "--eval-interval", "100000", "--out-dir", str(run), "--no-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 60

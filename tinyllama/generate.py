@@ -26,7 +26,8 @@ from .train import load_trained_model
 # %% auto #0
 __all__ = ['greedy', 'apply_temperature', 'top_k_filter', 'top_p_filter', 'check_sampling', 'sampling_probs', 'sample_next',
            'encode_prompts', 'left_pad', 'check_tokenizer', 'generate_tokens', 'Generation', 'generate',
-           'StreamDecoder', 'stream_generate', 'time_per_token', 'decode_tokens_per_sec', 'build_parser', 'main']
+           'StreamDecoder', 'stream_generate', 'time_per_token', 'decode_tokens_per_sec', 'build_parser', 'read_prompt',
+           'main']
 
 # %% ../nbs/08_generate.ipynb #eb90b7dc
 def greedy(logits: Tensor,  # (..., vocab_size) scores of the next token
@@ -395,14 +396,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
     return parser
 
+# %% ../nbs/08_generate.ipynb #f0b21041
+def read_prompt(prompt: str,  # the --prompt value; '-' means standard input
+                ) -> str:
+    "The prompt text: `prompt` itself, or for '-' all of standard input, which must be UTF-8."
+    if prompt != "-":
+        return prompt
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # already text, e.g. a StringIO standing in for stdin
+        return sys.stdin.read()
+    data = stream.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"standard input is not UTF-8 text: byte {e.start} is {data[e.start:e.start + 1]!r}; "
+                         f"convert it first (for example with iconv -t UTF-8)") from None
+
 # %% ../nbs/08_generate.ipynb #843c46bd
 def main(argv: Sequence[str] | None = None,  # command-line arguments; None means sys.argv[1:]
          ) -> None:
     "Command line `tinyllama-generate`: stream a continuation of `--prompt` from a checkpoint to stdout."
     parser = build_parser()
     args = parser.parse_args(argv)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     try:
+        prompt = read_prompt(args.prompt)
         model, tokenizer, _ = load_trained_model(args.checkpoint, device=args.device)
         pieces = stream_generate(model, tokenizer, prompt, args.max_new_tokens, args.temperature,
                                  args.top_k, args.top_p, args.seed)
