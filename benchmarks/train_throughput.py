@@ -26,8 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tinyllama.device import peak_flops, pick_device, resolve_dtype, synchronize
 from tinyllama.model import Llama, ModelArgs, count_parameters, flops_per_token
-from tinyllama.train import TRAIN_PRESETS, configure_optimizer, peak_flops, pick_device, resolve_dtype, train_step
+from tinyllama.train import TRAIN_PRESETS, configure_optimizer, train_step
 
 
 class ReferenceLM(nn.Module):
@@ -59,12 +60,11 @@ def reference_flops_per_token(model: ReferenceLM, args: ModelArgs, seq_len: int)
 
 def time_steps(model, optimizer, batches, dtype, steps, device) -> float:
     "Seconds per optimiser step, averaged over `steps` steps."
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
+    synchronize(device)
     t0 = time.perf_counter()
     for i in range(steps):
         train_step(model, optimizer, [batches[i % len(batches)]], 1.0, dtype)
-    sync()
+    synchronize(device)
     return (time.perf_counter() - t0) / steps
 
 

@@ -10,8 +10,8 @@ from torch.testing import assert_close
 
 from tinyllama.data import load_corpus, split_text
 from tinyllama.evaluate import (GPT2_PATH_ENV, CountModel, choose_alpha, finetune, fit_count_model,
-                                load_gpt2_with_tokenizer, loss_by_position, pretrained_gpt2_dir, split_metrics,
-                                token_nll, window_plan)
+                                load_gpt2_with_tokenizer, loss_by_position, pretrained_gpt2_dir, split_metrics)
+from tinyllama.measure import evaluate, token_nll, window_plan  # chapter 06c's; chapter 10 scores with them
 from tinyllama.gpt2 import GPT2Args, hf_gpt2_config
 from tinyllama.model import Llama, ModelArgs
 from tinyllama.tokenizer import CharTokenizer
@@ -89,6 +89,28 @@ def test_split_metrics_definitions(text):
     assert_close(m["bits_per_char"], m["total_nll"] / (m["chars"] * math.log(2)), rtol=1e-12, atol=0)
     assert_close(m["perplexity"], math.exp(m["loss"]), rtol=1e-12, atol=0)
     assert_close(m["accuracy"], correct.double().mean().item(), rtol=1e-12, atol=0)
+
+
+def test_split_metrics_is_chapter_06cs_evaluate_on_the_encoded_text(text):
+    "One scorer: split_metrics only encodes and counts characters; BPE's first token may span several characters."
+    from tinyllama.tokenizer import train_tokenizer
+    tokenizer = train_tokenizer(text[:20_000], 400)
+    model = confident_llama(dataclasses.replace(SMALL, vocab_size=tokenizer.vocab_size))
+    part = text[20_000:23_000]
+    ids = torch.tensor(tokenizer.encode(part))
+    first = len(tokenizer.decode(ids[:1].tolist()))
+    for stride in (None, 16):
+        m = split_metrics(model, tokenizer, part, seq_len=64, batch_size=4, stride=stride)
+        assert m == evaluate(model, ids, len(part) - first, 64, 4, stride)
+    assert m["chars"] == len(part) - first and m["tokens"] == len(ids) - 1
+    with pytest.raises(ValueError, match="need at least 2"):
+        split_metrics(model, tokenizer, part[:1], seq_len=64)
+
+
+def test_hybrid_names_still_importable_from_evaluate():
+    import tinyllama.evaluate
+    import tinyllama.hybrid
+    assert tinyllama.evaluate.Hybrid is tinyllama.hybrid.Hybrid and tinyllama.evaluate.HybridArgs is tinyllama.hybrid.HybridArgs
 
 
 def test_count_baselines_against_numpy(text):

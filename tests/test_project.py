@@ -1,10 +1,10 @@
 "The project's promises about itself: one module a notebook, the README's commands, the pinned torch."
-import importlib, json, re, tomllib
+import ast, importlib, json, re, tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-CHAPTERS = sorted((ROOT / "nbs").glob("[0-9][0-9]_*.ipynb"))
+CHAPTERS = sorted((ROOT / "nbs").glob("[0-9][0-9]*_*.ipynb"))  # 06_model sorts before 06a_checkpoints
 
 
 def default_exp(nb: Path) -> str | None:
@@ -39,7 +39,7 @@ def test_readme_shows_the_ci_test_command():
 
 def test_home_page_links_every_chapter():
     home = "".join("".join(c["source"]) for c in json.loads((ROOT / "nbs" / "index.ipynb").read_text())["cells"])
-    linked = set(re.findall(r"\]\((\d\d_\w+\.ipynb)\)", home))
+    linked = set(re.findall(r"\]\((\d\d[a-z]?_\w+\.ipynb)\)", home))
     assert {nb.name for nb in CHAPTERS} == linked, f"home page links {sorted(linked)}, chapters are {[nb.name for nb in CHAPTERS]}"
 
 
@@ -57,3 +57,23 @@ def test_main_command_is_the_same_everywhere_and_exists():
     assert readme_blocks[:2] == home_blocks[:2], f"README {readme_blocks[:2]} vs home page {home_blocks[:2]}"
     script = readme_blocks[0].split()[-1].removeprefix(".venv/bin/")
     assert script in PYPROJECT["project"]["scripts"], f"{script} is not a console script of pyproject.toml"
+
+
+def test_imports_run_down_the_chapter_order():
+    "A module imports only modules of earlier chapters; the trainer is never imported by a model."
+    order = {default_exp(nb): i for i, nb in enumerate(CHAPTERS)}
+    for module, position in order.items():
+        tree = ast.parse((ROOT / "tinyllama" / f"{module}.py").read_text())
+        imported = {node.module.removeprefix("tinyllama.") for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.module and (node.level or node.module.startswith("tinyllama."))}
+        later = {name for name in imported if order.get(name, -1) >= position}
+        assert not later, f"tinyllama.{module} (chapter {CHAPTERS[position].stem}) imports later chapters' modules {later}"
+
+
+def test_functions_fit_on_a_screen():
+    "No function or method of the package is longer than 60 lines."
+    for path in sorted((ROOT / "tinyllama").glob("[!_]*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 60, f"{path.name}: {node.name} is {length} lines"
