@@ -25,16 +25,18 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from .checkpoint import (GracefulStop, check_compatible, load_tokenizer, load_weights, read_checkpoint,
-                                  resolve_checkpoint, save_checkpoint)
+# what the loop uses, and (marked) what users import from here since before chapters 06a-06c existed
+from .checkpoint import GracefulStop, check_compatible, load_tokenizer, load_weights, read_checkpoint, resolve_checkpoint
+from .checkpoint import save_checkpoint  # noqa: F401 (re-exported)
 from .data import load_corpus, random_batch, split_text
-from .measure import Meter, MetricsLog, evaluate, plot_metrics, token_nll, window_plan
-from .device import (CompiledModel, DistInfo, any_rank, gather, init_distributed, peak_flops, pick_device,
-                              resolve_dtype, setup_device)
-from .model import (ARCHITECTURES, PRESETS, Architecture, ConfigMixin, Llama, ModelArgs, build_model,
-                             check_positive_ints, count_parameters, flops_per_token, get_architecture,
-                             register_architecture)
-from .tokenizer import CharTokenizer, Tokenizer, bits_per_char, train_tokenizer
+from .device import CompiledModel, DistInfo, any_rank, gather, peak_flops, resolve_dtype, setup_device
+from .device import init_distributed, pick_device  # noqa: F401 (re-exported)
+from .measure import Meter, MetricsLog, evaluate
+from .measure import plot_metrics, token_nll, window_plan  # noqa: F401 (re-exported)
+from .model import (PRESETS, ConfigMixin, ModelArgs, build_model, check_positive_ints, count_parameters,
+                             flops_per_token, get_architecture)
+from .model import ARCHITECTURES, Architecture, Llama, register_architecture  # noqa: F401 (re-exported)
+from .tokenizer import CharTokenizer, Tokenizer, train_tokenizer
 
 # %% auto #0
 __all__ = ['SPLIT', 'TRAIN_PRESETS', 'TrainConfig', 'get_lr', 'configure_optimizer', 'train_step', 'build_tokenizer',
