@@ -116,7 +116,7 @@ MAIN_WIDTH = 192  # the comparison size: 3 seeds, test split, ablations
 SEEDS = (0, 1, 2)
 LRS = (1e-3, 2e-3, 4e-3)  # swept at the two SWEPT_WIDTHS; the other widths take the transfer rule
 SWEPT_WIDTHS = (64, 192)
-STEPS = 384  # every comparison run: 384 steps of 32 x 256 tokens = 3,145,728 tokens, about 8 passes over the training part
+STEPS = 256  # every comparison run: 256 steps of 32 x 256 tokens = 2,097,152 tokens, about 5.5 passes over the training part
 
 
 def shape(arch: str, dim: int, tiny: bool = False):
@@ -166,17 +166,17 @@ def best_lr(results_dir: Path, arch: str, dim: int, tiny: bool = False) -> float
 
 # %% ../nbs/10_evaluate.ipynb #61707383
 def compare_grid(results_dir: Path, tiny: bool) -> list[Run]:
-    "Grid 'evaluate.compare': every width at seed 0, and 3 seeds at two widths; the main width's seeds are final."
+    "Grid 'evaluate.compare': every width at seed 0, 3 seeds at the smallest and the main width (whose runs are final)."
     widths, main = ((16, 24, 32), 32) if tiny else (WIDTHS, MAIN_WIDTH)
     runs = []
     for arch in ("llama", "gpt2"):
         for dim in widths:
-            seeds = SEEDS if dim in (widths[1], main) else (0,)
-            if dim == widths[0]:
-                continue  # seed 0 at the smallest width is the learning-rate sweep's run at its best rate
             lr = best_lr(results_dir, arch, dim, tiny)
-            runs += [Run(f"{arch}-d{dim}-s{seed}", comparison_config(arch, shape(arch, dim, tiny), lr, seed, tiny=tiny),
-                         final=dim == main) for seed in seeds]
+            for seed in SEEDS if dim in (widths[0], main) else (0,):
+                if dim == widths[0] and seed == 0:
+                    continue  # the learning-rate sweep's run at its best rate
+                runs.append(Run(f"{arch}-d{dim}-s{seed}", comparison_config(arch, shape(arch, dim, tiny), lr, seed, tiny=tiny),
+                                final=dim == main))
     return runs
 
 

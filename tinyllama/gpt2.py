@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .attention import KVCache, attend
 from .model import Architecture, ConfigMixin, Llama, ModelArgs, count_parameters, register_architecture
-from .model import check_positive_ints, check_tokens
+from .model import check_positive_ints, check_tokens, load_into_hf
 
 # %% ../nbs/09_gpt2.ipynb #cf61fc11
 @dataclass
@@ -283,16 +283,7 @@ def hf_gpt2_state_dict(model: GPT2) -> dict[str, Tensor]:
 def to_hf_gpt2(model: GPT2):  # -> transformers.GPT2LMHeadModel
     "A `transformers.GPT2LMHeadModel` with our model's weights (same dtype and device), in eval mode."
     from transformers import GPT2LMHeadModel
-    hf_model = GPT2LMHeadModel(hf_gpt2_config(model.args))
-    weight = model.tok_embeddings.weight
-    hf_model.to(device=weight.device, dtype=weight.dtype)
-    missing, unexpected = hf_model.load_state_dict(hf_gpt2_state_dict(model), strict=False)
-    allowed_missing = {"lm_head.weight"} if model.args.tie_embeddings else set()
-    if unexpected or set(missing) - allowed_missing:
-        raise RuntimeError(f"weight mapping does not fit GPT2LMHeadModel: missing {missing}, unexpected {unexpected}")
-    if model.args.tie_embeddings and hf_model.lm_head.weight.data_ptr() != hf_model.transformer.wte.weight.data_ptr():
-        raise RuntimeError("GPT2LMHeadModel did not tie lm_head to wte")
-    return hf_model.eval()
+    return load_into_hf(GPT2LMHeadModel(hf_gpt2_config(model.args)), hf_gpt2_state_dict(model), model)
 
 # %% ../nbs/09_gpt2.ipynb #939648e8
 def from_hf_gpt2(hf_model,  # a transformers.GPT2LMHeadModel

@@ -7,7 +7,7 @@ Docs: https://tinyllama-course.github.io/tinyllama/model.html.md"""
 # %% auto #0
 __all__ = ['PRESETS', 'ARCHITECTURES', 'check_positive_ints', 'ConfigMixin', 'ModelArgs', 'TransformerBlock', 'check_tokens',
            'Llama', 'Architecture', 'register_architecture', 'get_architecture', 'build_model', 'count_parameters',
-           'flops_per_token', 'hf_llama_config', 'hf_state_dict', 'to_hf_llama', 'from_hf_llama']
+           'flops_per_token', 'hf_llama_config', 'hf_state_dict', 'load_into_hf', 'to_hf_llama', 'from_hf_llama']
 
 # %% ../nbs/06_model.ipynb #d1924837
 import contextlib
@@ -309,20 +309,26 @@ def hf_state_dict(model: Llama) -> dict[str, Tensor]:
     return state
 
 # %% ../nbs/06_model.ipynb #5848612f
+def load_into_hf(hf_model,  # a freshly built transformers model (LlamaForCausalLM, GPT2LMHeadModel)
+                 state: dict[str, Tensor],  # our weights under its names
+                 model: nn.Module,  # ours: gives the dtype, the device and whether the head is tied
+                 ):
+    "Copy `state` into `hf_model` on our model's dtype and device; every weight must fit and a tied head stay tied."
+    weight, tied, name = model.tok_embeddings.weight, model.args.tie_embeddings, type(hf_model).__name__
+    hf_model.to(device=weight.device, dtype=weight.dtype)
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if tied else set()):
+        raise RuntimeError(f"weight mapping does not fit {name}: missing {missing}, unexpected {unexpected}")
+    if tied and hf_model.lm_head.weight.data_ptr() != hf_model.get_input_embeddings().weight.data_ptr():
+        raise RuntimeError(f"{name} did not tie lm_head to its input embedding")
+    return hf_model.eval()
+
+
 def to_hf_llama(model: Llama,
                 **overrides):  # extra LlamaConfig fields for hf_llama_config, e.g. bos_token_id=1, eos_token_id=2
     "A `transformers.LlamaForCausalLM` with our model's weights (same dtype and device), in eval mode."
     from transformers import LlamaForCausalLM
-    hf_model = LlamaForCausalLM(hf_llama_config(model.args, **overrides))
-    weight = model.tok_embeddings.weight
-    hf_model.to(device=weight.device, dtype=weight.dtype)
-    missing, unexpected = hf_model.load_state_dict(hf_state_dict(model), strict=False)
-    allowed_missing = {"lm_head.weight"} if model.args.tie_embeddings else set()
-    if unexpected or set(missing) - allowed_missing:
-        raise RuntimeError(f"weight mapping does not fit LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
-    if model.args.tie_embeddings and hf_model.lm_head.weight.data_ptr() != hf_model.model.embed_tokens.weight.data_ptr():
-        raise RuntimeError("LlamaForCausalLM did not tie lm_head to embed_tokens")
-    return hf_model.eval()
+    return load_into_hf(LlamaForCausalLM(hf_llama_config(model.args, **overrides)), hf_state_dict(model), model)
 
 # %% ../nbs/06_model.ipynb #961d73a3
 def from_hf_llama(hf_model,  # a transformers.LlamaForCausalLM
