@@ -115,7 +115,7 @@ WIDTHS = (64, 128, 192, 256)  # 4 layers each, heads of 32 dimensions: ~0.2M to 
 MAIN_WIDTH = 192  # the comparison size: 3 seeds, test split, ablations
 SEEDS = (0, 1, 2)
 SWEPT_WIDTHS = (64, 192)  # the other widths take the transfer rule (best_lr)
-LRS = {64: (1e-3, 2e-3, 4e-3, 8e-3), 192: (1e-3, 2e-3, 4e-3)}  # 8e-3 added at 64: the first best was the grid's edge
+LRS = {64: (1e-3, 2e-3, 4e-3, 8e-3), 192: (1e-3, 2e-3, 4e-3, 8e-3)}  # 8e-3 added: a best rate at the grid's edge (4e-3) came first
 STEPS = 256  # every comparison run: 256 steps of 32 x 256 tokens = 2,097,152 tokens, about 5.5 passes over the training part
 
 
