@@ -116,7 +116,7 @@ MAIN_WIDTH = 192  # the comparison size: 3 seeds, test split, ablations
 SEEDS = (0, 1, 2)
 SWEPT_WIDTHS = (64, 192)  # the other widths take the transfer rule (best_lr)
 LRS = {64: (1e-3, 2e-3, 4e-3, 8e-3), 192: (1e-3, 2e-3, 4e-3, 8e-3)}  # 8e-3 added: a best rate at the grid's edge (4e-3) came first
-STEPS = 256  # every comparison run: 256 steps of 32 x 256 tokens = 2,097,152 tokens, about 5.5 passes over the training part
+STEPS = 256  # every comparison run: 256 steps of 32 x 256 tokens = 2,097,152 tokens, about 6 passes over the training part
 
 
 def shape(arch: str, dim: int, tiny: bool = False):
@@ -154,11 +154,12 @@ def with_width(rows: pd.DataFrame) -> pd.DataFrame:
 
 def best_lr(results_dir: Path, arch: str, dim: int, tiny: bool = False) -> float:
     "The transfer rule: each swept width's best rate; between them, log-linear in width; beyond them, the nearest."
-    sweep = with_width(read_results(Path(results_dir) / "evaluate.lr.csv"))
+    path = Path(results_dir) / "evaluate.lr.csv"
+    sweep = with_width(read_results(path))
     sweep = sweep[(sweep.status == "ok") & (sweep.arch == arch)]
     widths = (16, 32) if tiny else SWEPT_WIDTHS
     if not set(widths) <= set(sweep.width):
-        raise ValueError(f"results/evaluate.lr.csv has no finished sweep of {arch} at widths {widths}: "
+        raise ValueError(f"{path} has no finished sweep of {arch} at widths {widths}: "
                          f"run `tinyllama-sweep evaluate.lr` first")
     best = [float(sweep[sweep.width == w].sort_values("val_bits_per_char").lr.iloc[0]) for w in widths]
     t = min(1.0, max(0.0, math.log(dim / widths[0]) / math.log(widths[1] / widths[0])))
