@@ -178,3 +178,18 @@ def test_pretrained_path_matches_gpt2lmheadmodel_loss(tmp_path, monkeypatch, tex
     train_ids = torch.tensor(tokenizer.encode(text[:20_000]))
     losses = finetune(model, train_ids, steps=8, batch_size=4, seq_len=32, lr=3e-3)
     assert len(losses) == 8 and losses[-1] < losses[0] and not model.training
+
+
+def test_evaluate_refuses_a_nan_loss_instead_of_dropping_it():
+    class NaNAtOnePosition(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("anchor", torch.zeros(1))  # token_nll finds the device from a buffer
+
+        def forward(self, tokens):
+            logits = torch.zeros(*tokens.shape, 8)
+            logits[:, 3] = float("nan")  # one position of every window
+            return logits
+    ids = torch.arange(49) % 8  # 48 targets: six full windows of 8
+    with pytest.raises(FloatingPointError, match="NaN at"):
+        evaluate(NaNAtOnePosition(), ids, n_chars=48, seq_len=8)

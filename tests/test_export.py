@@ -38,12 +38,6 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(checkpoint):
-    model, tokenizer, _ = load_trained_model(checkpoint)
-    return model, tokenizer
-
-
-@pytest.fixture(scope="module")
 def hf_dir(checkpoint, tmp_path_factory):
     return export_hf(checkpoint, tmp_path_factory.mktemp("exports") / "hf")
 

@@ -33,12 +33,6 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(checkpoint):
-    model, tokenizer, _ = load_trained_model(checkpoint)
-    return model, tokenizer
-
-
-@pytest.fixture(scope="module")
 def bpe():
     "A small byte-fallback BPE tokenizer: characters outside its training text become byte tokens."
     return train_tokenizer(load_corpus()[:20_000], 400)

@@ -107,6 +107,9 @@ def evaluate(model: nn.Module,  # model(tokens (B, T)) -> logits (B, T, vocab_si
     nll, correct = token_nll(model, ids, seq_len, batch_size, stride, autocast_dtype, max_windows)
     scored = ~nll.isnan()
     total, n_tokens = nll[scored].sum().item(), int(scored.sum())
+    planned = sum(n for _, _, n in window_plan(len(ids), seq_len, stride)[: max_windows or None])
+    if n_tokens != planned:  # NaN marks unscored targets, so a NaN loss must not pass for one
+        raise FloatingPointError(f"the model's loss is NaN at {planned - n_tokens} of {planned} scored targets")
     chars = n_chars * n_tokens / len(nll)  # all of n_chars when the whole split is scored
     loss = total / n_tokens
     return {"loss": loss, "perplexity": math.exp(loss), "accuracy": correct[scored].double().mean().item(),
