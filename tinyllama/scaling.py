@@ -13,6 +13,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -70,7 +71,7 @@ def fit_law(N, D, L,  # parameters, tokens, losses (sequences of the same length
             delta: float = 1e-3,  # Huber's delta, on log loss (Chinchilla's value)
             ) -> dict[str, float]:  # E, A, B, alpha, beta, and the fit's Huber objective
     "Chinchilla's fit of L = E + A/N^alpha + B/D^beta: Huber loss on log L, L-BFGS from a grid of starts."
-    log_n, log_d, log_l = (torch.log(torch.as_tensor(np.asarray(v, dtype=float), dtype=torch.float64)) for v in (N, D, L))
+    log_n, log_d, log_l = (torch.log(torch.as_tensor(np.array(v, dtype=float), dtype=torch.float64)) for v in (N, D, L))
     if not len(log_n) == len(log_d) == len(log_l) >= 5:
         raise ValueError(f"N, D, L must have the same length, at least 5 (the law has 5 parameters); got "
                          f"{len(log_n)}, {len(log_d)}, {len(log_l)}")
