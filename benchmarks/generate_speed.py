@@ -1,36 +1,38 @@
-"""What the KV cache buys, and how tinyllama's decoding compares with transformers' generate on the same weights.
+"""Decoding speed of the trained cpu checkpoint: tinyllama eager and compiled against transformers' generate, same weights.
 
-    python benchmarks/generate_speed.py                      # runs/cpu/best (or last) if it exists, else random weights
-    python benchmarks/generate_speed.py --checkpoint runs/cpu/best --lengths 64 128 256 512 --repeats 9
-    python benchmarks/generate_speed.py --threads 2 --new-tokens 256 --json speed.json
+    python benchmarks/generate_speed.py                                   # runs/cpu/best, one thread
+    python benchmarks/generate_speed.py --checkpoint runs/cpu/best --new-tokens 200 --repeats 5 --json out.json
+    python benchmarks/generate_speed.py --lengths 64 128 256              # also the KV cache against recomputation
 
-Two measurements, CPU, batch 1, greedy, medians over `--repeats`:
+CPU, greedy, decode tokens per second with the prefill excluded: (n - 1) / (time for n tokens - time for 1)
+(`tinyllama.generate.decode_tokens_per_sec`), medians, the implementations taking turns so that a busy machine
+slows all alike:
 
-1. Time per generated token against the length of the sequence: one cached decode step at position n-1 (the cache
-   already holds n-1 tokens) against a full forward pass over all n tokens, which is what generation without a cache
-   does for every token (`tinyllama.generate.time_per_token`). The model is the checkpoint's with its RoPE tables
-   extended to the longest length asked for (RoPE has no learnt positions, so the weights load unchanged).
-2. Decode tokens per second of whole generations, prefill excluded: (n - 1) / (time for n tokens - time for 1)
-   (`tinyllama.generate.decode_tokens_per_sec`), for tinyllama's `generate_tokens` and for
-   `transformers.LlamaForCausalLM.generate` on the same weights (`tinyllama.model.to_hf_llama`), with its eager
-   attention and with SDPA. The runs alternate between the implementations, so a busy machine slows all alike.
+- tinyllama eager: `tinyllama.generate.generate_tokens`, the model's forward over the KV cache (chapter 08);
+- tinyllama compiled: `tinyllama.speed.CompiledDecoder`, one `torch.compile`d decode step over the
+  pre-allocated cache with static shapes (chapter 08c);
+- transformers: `LlamaForCausalLM.generate` on the same weights (`tinyllama.model.to_hf_llama`), with SDPA and with
+  eager attention; the faster of the two is the reference.
 
-Not a test: it prints numbers and the ratios. Run it on a quiet machine (the load average is printed first).
+Batch 1 (the target: >= 1,000 tokens/s and >= 3x transformers) and batch 8 (aggregate tokens/s over the 8 rows).
+Before timing, every implementation's greedy tokens are compared with transformers': the comparison is only of the
+same work. Needs a trained checkpoint (`tinyllama-train` writes runs/cpu/best); not a test: it prints numbers.
 """
 import argparse
-import dataclasses
 import itertools
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from tinyllama.generate import decode_tokens_per_sec, generate_tokens, time_per_token
-from tinyllama.model import Llama, count_parameters, to_hf_llama
-from tinyllama.train import TRAIN_PRESETS, load_trained_model
+from tinyllama.model import count_parameters, to_hf_llama
+from tinyllama.speed import CompiledDecoder
+from tinyllama.train import load_trained_model
 
 
 def find_checkpoint(path: str | Path) -> Path | None:
@@ -42,87 +44,104 @@ def find_checkpoint(path: str | Path) -> Path | None:
     return None
 
 
-def load_model(checkpoint: str | None, max_seq_len: int) -> tuple[Llama, str]:
-    "The checkpoint's model (or random weights of the cpu preset's shape) with RoPE tables of max_seq_len."
-    found = find_checkpoint(checkpoint or os.environ.get("TINYLLAMA_CHECKPOINT", "runs/cpu"))
-    if checkpoint and found is None:
-        raise SystemExit(f"generate_speed.py: error: no checkpoint at {checkpoint}")
-    if found is not None:
-        trained, _, _ = load_trained_model(found)
-        args, source = trained.args, f"checkpoint {found}"
-    else:
-        trained, args, source = None, TRAIN_PRESETS["cpu"].model, "random weights of TRAIN_PRESETS['cpu'] (no checkpoint found)"
-    model = Llama(dataclasses.replace(args, max_seq_len=max(max_seq_len, args.max_seq_len), dropout=0.0)).eval()
-    if trained is not None:
-        model.load_state_dict(trained.state_dict())
-    return model, source
+def runners_for(model, hf_models: dict, prompt: torch.Tensor, decoder: CompiledDecoder) -> dict:
+    "name -> generate(n) for every implementation, each making n greedy tokens after `prompt` (B, P)."
+    rows = prompt.tolist()
+    runners = {"tinyllama eager": lambda n: list(generate_tokens(model, rows, n)),
+               "tinyllama compiled": lambda n: list(decoder.generate_tokens(rows, n))}
+    for name, hf in hf_models.items():
+        runners[name] = lambda n, hf=hf: hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                                     max_new_tokens=n, min_new_tokens=n)
+    return runners
 
 
-def main():
+def same_tokens(runners: dict, prompt: torch.Tensor, n: int) -> dict:
+    "How many of the first n greedy tokens of each implementation, row by row, equal transformers (SDPA)'s."
+    reference = runners["transformers (sdpa)"](n)[:, prompt.shape[1]:].tolist()
+    agree = {}
+    for name, run in runners.items():
+        out = run(n)
+        ids = torch.stack(out, dim=1).tolist() if isinstance(out, list) else out[:, prompt.shape[1]:].tolist()
+        agree[name] = min(sum(1 for _ in itertools.takewhile(lambda p: p[0] == p[1], zip(a, b)))
+                          for a, b in zip(ids, reference))
+    return agree
+
+
+def measure(runners: dict, n: int, repeats: int, rounds: int) -> dict:
+    "Median decode tokens/s of each runner (one sequence), `rounds` rounds taking turns."
+    rates = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            rates[name].append(decode_tokens_per_sec(run, n, repeats))
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", default=None, help="checkpoint or run folder (default: $TINYLLAMA_CHECKPOINT, "
-                                                           "then runs/cpu; random weights if none)")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[32, 64, 128, 256, 384, 512],
-                        help="sequence lengths for the per-token timing")
-    parser.add_argument("--repeats", type=int, default=7, help="timings per median (default 7)")
+    parser.add_argument("--checkpoint", default="runs/cpu/best", help="checkpoint or run folder (default runs/cpu/best)")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens per timed generation (default 128)")
-    parser.add_argument("--prompt-len", type=int, default=16, help="prompt tokens for the generations (default 16)")
+    parser.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default 16)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=3, help="timings per median inside one measurement (default 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="measurements per implementation (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args()
-
-    torch.set_num_threads(args.threads)
+    parser.add_argument("--lengths", type=int, nargs="*", default=[], help="also time one step against length")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    a = parser.parse_args(argv)
+    found = find_checkpoint(a.checkpoint)
+    if found is None:
+        sys.exit(f"generate_speed.py: error: no checkpoint at --checkpoint {a.checkpoint} (a folder with "
+                 f"model.safetensors, or a run folder with best/ or last/); train one with `tinyllama-train` first")
+    torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    model, source = load_model(args.checkpoint, max(args.lengths + [args.prompt_len + args.new_tokens]))
+    model, _, _ = load_trained_model(found)
+    model.eval()
     print(f"load average {os.getloadavg()[0]:.2f}; {torch.get_num_threads()} thread(s); torch {torch.__version__}")
-    print(f"{source}: {count_parameters(model):,} parameters, dim {model.args.dim}, {model.args.n_layers} layers, "
-          f"{model.args.n_heads} heads ({model.args.n_kv_heads} key/value), vocab {model.args.vocab_size}\n")
+    print(f"checkpoint {found}: {count_parameters(model):,} parameters, dim {model.args.dim}, {model.args.n_layers} "
+          f"layers, {model.args.n_heads} heads ({model.args.n_kv_heads} key/value), vocab {model.args.vocab_size}")
+    hf_models = {"transformers (sdpa)": to_hf_llama(model, bos_token_id=1, eos_token_id=2, pad_token_id=3),
+                 "transformers (eager)": to_hf_llama(model, bos_token_id=1, eos_token_id=2, pad_token_id=3)}
+    hf_models["transformers (sdpa)"].set_attn_implementation("sdpa")
+    hf_models["transformers (eager)"].set_attn_implementation("eager")
+    for hf in hf_models.values():
+        hf.generation_config.eos_token_id = None  # every run makes exactly n tokens, as ours do
 
-    rows = []
-    for n in args.lengths:
-        recompute = time_per_token(model, n, use_cache=False, repeats=args.repeats)
-        cached = time_per_token(model, n, use_cache=True, repeats=args.repeats)
-        rows.append({"seq_len": n, "no_cache_ms": 1e3 * recompute, "kv_cache_ms": 1e3 * cached,
-                     "speedup": recompute / cached})
-    print("time for the next token, batch 1 (median of", args.repeats, "repeats)")
-    print(f"{'tokens':>8} {'no cache (ms)':>14} {'KV cache (ms)':>14} {'speed-up':>9}")
-    for row in rows:
-        print(f"{row['seq_len']:>8} {row['no_cache_ms']:>14.2f} {row['kv_cache_ms']:>14.2f} {row['speedup']:>8.1f}x")
-
-    prompt = torch.randint(4, model.args.vocab_size, (1, args.prompt_len))  # (1, P), no special ids
-    prompt_ids = prompt[0].tolist()
-    hf_model = to_hf_llama(model, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    hf_sdpa = to_hf_llama(model, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    hf_sdpa.set_attn_implementation("sdpa")
-    runners = {
-        "tinyllama": lambda n: list(generate_tokens(model, [prompt_ids], n)),
-        "transformers (eager)": lambda n: hf_model.generate(prompt, do_sample=False, max_new_tokens=n, min_new_tokens=n),
-        "transformers (sdpa)": lambda n: hf_sdpa.generate(prompt, do_sample=False, max_new_tokens=n, min_new_tokens=n),
-    }
-    # identical greedy tokens first: otherwise the comparison would not be of the same work
-    with torch.no_grad():
-        ours = torch.cat(runners["tinyllama"](args.new_tokens)).tolist()
-        for name in ("transformers (eager)", "transformers (sdpa)"):
-            theirs = runners[name](args.new_tokens)[0, args.prompt_len:].tolist()
-            same = sum(1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1], zip(ours, theirs)))
-            print(f"{name}: first {same} of {args.new_tokens} greedy tokens identical to tinyllama's")
-        rates = {name: [] for name in runners}
-        for _ in range(3):  # rounds alternate the implementations
-            for name, run in runners.items():
-                rates[name].append(decode_tokens_per_sec(run, args.new_tokens, args.repeats))
-    rates = {name: statistics.median(r) for name, r in rates.items()}
-    print(f"\ndecode tokens/s, {args.new_tokens} new tokens after a {args.prompt_len}-token prompt, prefill excluded")
-    for name, rate in rates.items():
-        print(f"{name:>22}: {rate:8.0f} tokens/s   ({rate / rates['tinyllama']:.2f}x tinyllama)")
-
-    at_max = rows[-1]
-    print(f"\nKV cache vs recomputation at {at_max['seq_len']} tokens: {at_max['speedup']:.1f}x faster")
-    for name in ("transformers (eager)", "transformers (sdpa)"):
-        print(f"tinyllama vs {name}: {rates['tinyllama'] / rates[name]:.2f}x the decode speed")
-    if args.json:
-        args.json.write_text(json.dumps({"source": source, "threads": args.threads, "per_token": rows,
-                                         "decode_tokens_per_sec": rates, "load_average": os.getloadavg()[0],
-                                         "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+    results = {"checkpoint": str(found), "threads": a.threads, "new_tokens": a.new_tokens, "batches": {}}
+    for batch_size in a.batch_sizes:
+        prompt = torch.randint(4, model.args.vocab_size, (batch_size, a.prompt_len))  # (B, P), no special ids
+        t0 = time.perf_counter()
+        decoder = CompiledDecoder(model, batch_size)
+        runners = runners_for(model, hf_models, prompt, decoder)
+        with torch.no_grad():
+            agree = same_tokens(runners, prompt, a.new_tokens)
+            compile_s = time.perf_counter() - t0
+            rates = measure(runners, a.new_tokens, a.repeats, a.rounds)
+        rates = {name: batch_size * rate for name, rate in rates.items()}  # aggregate over the rows
+        best_hf = max((n for n in rates if n.startswith("transformers")), key=rates.get)
+        print(f"\nbatch {batch_size}: decode tokens/s over all rows, {a.new_tokens} new tokens after a "
+              f"{a.prompt_len}-token prompt, prefill excluded (compile and checks {compile_s:.0f} s)")
+        for name, rate in rates.items():
+            print(f"{name:>22}: {rate:9,.0f} tokens/s  {rate / rates[best_hf]:5.2f}x {best_hf}; "
+                  f"greedy tokens identical to transformers (sdpa)'s: {agree[name]} of {a.new_tokens}")
+        results["batches"][batch_size] = {"tokens_per_sec": rates, "identical_tokens": agree, "reference": best_hf,
+                                          "ratio_compiled": rates["tinyllama compiled"] / rates[best_hf],
+                                          "ratio_eager": rates["tinyllama eager"] / rates[best_hf]}
+    if 1 in results["batches"]:
+        r = results["batches"][1]
+        print(f"\ntarget, batch 1: tinyllama compiled {r['tokens_per_sec']['tinyllama compiled']:,.0f} tokens/s "
+              f"(>= 1,000) = {r['ratio_compiled']:.2f}x {r['reference']} (>= 3x)")
+    if a.lengths:
+        print("\ntime for the next token, batch 1: KV cache against recomputing the prefix")
+        results["per_token"] = []
+        for n in a.lengths:
+            recompute = time_per_token(model, n, use_cache=False, repeats=a.repeats)
+            cached = time_per_token(model, n, use_cache=True, repeats=a.repeats)
+            results["per_token"].append({"seq_len": n, "no_cache_ms": 1e3 * recompute, "kv_cache_ms": 1e3 * cached})
+            print(f"{n:>6} tokens: no cache {1e3 * recompute:7.2f} ms, KV cache {1e3 * cached:6.2f} ms")
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        results.update(load_average=os.getloadavg()[0], torch=torch.__version__, time=time.strftime("%Y-%m-%d %H:%M:%S"))
+        a.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
