@@ -30,7 +30,7 @@ def main():
     parser.add_argument("--target", default="runs/cpu/best", help="the target's checkpoint (default runs/cpu/best)")
     parser.add_argument("--draft", default="runs/draft", help="the draft's checkpoint or run folder (default runs/draft)")
     parser.add_argument("--train-draft", action="store_true",
-                        help="if --draft holds no checkpoint, train one there (draft_config: width 64, 2 layers, 400 steps)")
+                        help="if --draft holds no checkpoint, train one there (draft_config: width 64, 2 layers, 800 steps)")
     parser.add_argument("--ks", type=int, nargs="+", default=list(range(1, 9)), help="draft tokens per round")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.8], help="0 is greedy")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens per prompt (default 128)")
@@ -46,7 +46,7 @@ def main():
     if not any((draft_dir / sub / "model.safetensors").is_file() for sub in ("", "best", "last")):
         if not args.train_draft:
             raise SystemExit(f"speculative_speed.py: error: no draft checkpoint in {draft_dir}; pass --train-draft")
-        cfg = draft_config(target_cfg, dim=64, n_layers=2, n_heads=4, max_steps=400, lr=3e-3, eval_batches=20,
+        cfg = draft_config(target_cfg, dim=64, n_layers=2, n_heads=4, max_steps=800, lr=3e-3, eval_batches=20,
                            out_dir=draft_dir)
         result = train(cfg, progress=False)
         print(f"trained the draft in {result.elapsed_s:.0f} s, validation loss {result.val['loss']:.3f} nats/token")

@@ -11,7 +11,7 @@ from tinyllama.generate import generate_tokens, sampling_probs
 from tinyllama.model import Llama, ModelArgs
 from tinyllama.speculative import (SpeculativeStats, alternating_medians, check_same_tokenizer, chi_square_test,
                                    continuation_probs, draft_config, kv_cached, measure_speculative,
-                                   speculative_decode, verify_draft)
+                                   speculative_decode, verify_draft, verify_greedy)
 from tinyllama.tokenizer import CharTokenizer
 from tinyllama.train import TRAIN_PRESETS
 
@@ -55,9 +55,10 @@ def test_greedy_is_plain_greedy_token_for_token(draft_name, k):
         plain = torch.cat(list(generate_tokens(TARGET, [prompt], 20))).tolist()
         ids, stats = speculative_decode(TARGET, draft, prompt, 20, k=k)
         assert ids == plain, (draft_name, k, seed)
-        assert stats.generated == 20 == stats.accepted + stats.rounds
+        assert stats.generated == 20 == stats.accepted + stats.rounds and stats.rejected <= stats.rounds
         if draft_name == "identical":  # every proposal kept: k + 1 tokens a round, fewer only at the end
-            assert stats.acceptance_rate == 1.0 and stats.rounds == -(-20 // (k + 1))
+            assert stats.acceptance_rate == 1.0 == stats.kept_fraction and stats.rejected == 0
+            assert stats.rounds == -(-20 // (k + 1))
 
 
 def test_acceptance_depends_on_the_draft():
@@ -120,13 +121,18 @@ def test_verify_draft_first_token_is_the_targets():
 
 
 def test_verify_draft_greedy_and_shapes():
-    one_hot = lambda ids: torch.nn.functional.one_hot(torch.tensor(ids), 10).float()
+    one_hot = lambda ids: torch.nn.functional.one_hot(torch.tensor(ids, dtype=torch.long), 10).float()
     target = one_hot([3, 4, 5, 6])
-    assert verify_draft(torch.tensor([3, 4, 5]), one_hot([3, 4, 5]), target) == (3, 6)
-    assert verify_draft(torch.tensor([3, 9, 5]), one_hot([3, 9, 5]), target) == (1, 4)
-    assert verify_draft(torch.tensor([], dtype=torch.long), torch.zeros(0, 10), target[:1]) == (0, 3)
+    logits = target + 0.1 * torch.rand(4, 10)  # argmax 3, 4, 5, 6
+    for ids, expected in [([3, 4, 5], (3, 6)), ([3, 9, 5], (1, 4)), ([9, 4, 5], (0, 3)), ([], (0, 3))]:
+        draft_ids = torch.tensor(ids, dtype=torch.long)
+        rows = len(ids) + 1
+        assert verify_draft(draft_ids, one_hot(ids).reshape(len(ids), 10), target[:rows]) == expected
+        assert verify_greedy(draft_ids, logits[:rows]) == expected
     with pytest.raises(ValueError, match="k \\+ 1 rows"):
         verify_draft(torch.tensor([3]), one_hot([3]), target[:1])
+    with pytest.raises(ValueError, match="k \\+ 1 rows"):
+        verify_greedy(torch.tensor([3]), logits[:1])
 
 
 def test_rollback_is_moving_the_position():
@@ -195,8 +201,8 @@ def test_errors_name_the_argument():
 
 
 def test_stats():
-    stats = SpeculativeStats(rounds=4, drafted=12, accepted=6, generated=10)
-    assert stats.acceptance_rate == 0.5 and stats.tokens_per_round == 2.5
+    stats = SpeculativeStats(rounds=4, drafted=12, accepted=6, rejected=3, generated=10)
+    assert stats.acceptance_rate == 6 / 9 and stats.kept_fraction == 0.5 and stats.tokens_per_round == 2.5
     assert SpeculativeStats().acceptance_rate != SpeculativeStats().acceptance_rate  # nan before any proposal
 
 
@@ -244,4 +250,5 @@ def test_measure_speculative_and_alternating_medians():
         alternating_medians({}, repeats=0)
     rows = measure_speculative(TARGET, DRAFTS["identical"], [[1, 2], [3]], 9, ks=[2], repeats=1)
     assert [row["k"] for row in rows] == [0, 2]
-    assert rows[1]["acceptance"] == 1.0 and rows[1]["tokens per target pass"] == 3.0 and rows[0]["speed-up"] == 1.0
+    assert rows[1]["acceptance"] == 1.0 == rows[1]["proposals kept"] and rows[0]["speed-up"] == 1.0
+    assert rows[1]["tokens per target pass"] == 18 / 6  # 9 tokens a prompt, 3 a round
