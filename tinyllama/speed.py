@@ -9,7 +9,7 @@ __all__ = ['MATMUL_OPS', 'CROSS_ENTROPY_OPS', 'CAST_OPS', 'RECORDED_PEAKS', 'med
            'top_operators', 'decode_attention', 'decode_step', 'CompiledDecoder', 'cpu_model_name', 'measure_peak',
            'stable_peak']
 
-# %% ../nbs/08c_speed.ipynb #11c604bc
+# %% ../nbs/08c_speed.ipynb #1c56c070
 import contextlib
 import platform
 import statistics
@@ -29,7 +29,7 @@ from .generate import check_sampling, left_pad, sample_next
 from .model import Llama
 from .rope import apply_rope
 
-# %% ../nbs/08c_speed.ipynb #89439635
+# %% ../nbs/08c_speed.ipynb #274d080f
 def median_times(runners: dict[str, Callable[[], object]],  # name -> a function to time (no arguments)
                  repeats: int = 5,  # timings per runner; the median is returned
                  calls: int = 1,  # calls per timing
@@ -53,7 +53,7 @@ def median_times(runners: dict[str, Callable[[], object]],  # name -> a function
             seconds[name].append((time.perf_counter() - start) / calls)
     return {name: statistics.median(s) for name, s in seconds.items()}
 
-# %% ../nbs/08c_speed.ipynb #30be066f
+# %% ../nbs/08c_speed.ipynb #010b0228
 @contextlib.contextmanager
 def profiler_labels(model: nn.Module,  # the modules to label are found in here
                     module_labels: dict[type, str],  # module type -> label, e.g. {RMSNorm: "norm"}
@@ -86,7 +86,7 @@ def profiler_labels(model: nn.Module,  # the modules to label are found in here
         for owner, name, original in patched:
             setattr(owner, name, original)
 
-# %% ../nbs/08c_speed.ipynb #cb8c5f5f
+# %% ../nbs/08c_speed.ipynb #1b4776b1
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear", "aten::_mkl_linear"}
 CROSS_ENTROPY_OPS = {"aten::cross_entropy_loss", "aten::log_softmax", "aten::_log_softmax", "aten::nll_loss",
                      "aten::nll_loss_nd", "aten::nll_loss_forward", "aten::nll_loss_backward",
@@ -138,7 +138,7 @@ def time_by_category(prof,  # a finished torch.profiler.profile
         totals[category] = totals.get(category, 0.0) + event.self_cpu_time_total / 1e3
     return pd.Series(totals, name="ms").sort_values(ascending=False)
 
-# %% ../nbs/08c_speed.ipynb #9a0e1367
+# %% ../nbs/08c_speed.ipynb #9b4ab46c
 def top_operators(prof,  # a finished torch.profiler.profile
                   n: int = 5,  # how many operators
                   ) -> pd.DataFrame:  # one row per operator: self ms, share of the total, calls
@@ -149,7 +149,7 @@ def top_operators(prof,  # a finished torch.profiler.profile
     return pd.DataFrame([{"operator": key, "self ms": ms, "share": ms / total, "calls": count}
                          for key, ms, count in rows]).set_index("operator")
 
-# %% ../nbs/08c_speed.ipynb #569ac28f
+# %% ../nbs/08c_speed.ipynb #354c1995
 def decode_attention(attention: Attention,  # a layer of the model, with its KV cache enabled
                      x: Tensor,  # (B, 1, dim) the new tokens' normalised activations
                      cos: Tensor,  # (1, head_dim // 2) the RoPE row of their position
@@ -171,7 +171,7 @@ def decode_attention(attention: Attention,  # a layer of the model, with its KV 
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)  # (B, n_heads, 1, head_dim)
     return attention.wo(out.transpose(1, 2).reshape(batch_size, 1, -1))  # (B, 1, dim)
 
-# %% ../nbs/08c_speed.ipynb #1f35f23a
+# %% ../nbs/08c_speed.ipynb #6c05195c
 def decode_step(model: Llama,
                 tokens: Tensor,  # (B, 1) the newest token of each row
                 position: Tensor,  # (1,) long: the position of those tokens
@@ -187,7 +187,7 @@ def decode_step(model: Llama,
         h = h + layer.feed_forward(layer.ffn_norm(h))
     return model.output(model.norm(h))[:, -1].float()  # (B, vocab_size)
 
-# %% ../nbs/08c_speed.ipynb #d885b9d4
+# %% ../nbs/08c_speed.ipynb #b51e86e1
 class CompiledDecoder:
     "Generation whose decode step is one `torch.compile`d graph over a pre-allocated KV cache of max_seq_len."
     def __init__(self, model: Llama,
@@ -247,7 +247,7 @@ class CompiledDecoder:
                 layer.attention.cache = cache
             model.train(was_training)
 
-# %% ../nbs/08c_speed.ipynb #e77b42fb
+# %% ../nbs/08c_speed.ipynb #25ff993c
 _METHOD = ("measure_peak (2048 x 2048 matmul, median over 7 rounds of the fastest of 5), median of 3 runs, "
            "2026-11-30, torch 2.13.0, the course's 2-core KVM guest (Xeon with AMX)")
 RECORDED_PEAKS: dict[tuple[str, int, str], tuple[float, str]] = {
