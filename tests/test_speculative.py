@@ -9,7 +9,7 @@ from torch.testing import assert_close
 import tinyllama.speculative as speculative
 from tinyllama.generate import generate_tokens, sampling_probs
 from tinyllama.model import Llama, ModelArgs
-from tinyllama.speculative import (SpeculativeStats, alternating_medians, check_same_tokenizer, chi_square_test,
+from tinyllama.speculative import (SpeculativeStats, check_same_tokenizer, chi_square_test,
                                    continuation_probs, draft_config, kv_cached, measure_speculative,
                                    speculative_decode, verify_draft, verify_greedy)
 from tinyllama.tokenizer import CharTokenizer
@@ -242,12 +242,7 @@ def test_draft_config_keeps_the_tokenizer_fields():
         check_same_tokenizer(CharTokenizer("abc"), CharTokenizer("ab"))
 
 
-def test_measure_speculative_and_alternating_medians():
-    calls = []
-    seconds = alternating_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2)
-    assert calls == ["a", "b"] * 3 and set(seconds) == {"a", "b"}
-    with pytest.raises(ValueError, match="repeats=0"):
-        alternating_medians({}, repeats=0)
+def test_measure_speculative():
     rows = measure_speculative(TARGET, DRAFTS["identical"], [[1, 2], [3]], 9, ks=[2], repeats=1)
     assert [row["k"] for row in rows] == [0, 2]
     assert rows[1]["acceptance"] == 1.0 == rows[1]["proposals kept"] and rows[0]["speed-up"] == 1.0

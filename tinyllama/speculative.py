@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import statistics
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +18,14 @@ from torch import Tensor
 
 from .generate import check_sampling, generate_tokens, sampling_probs
 from .model import Llama
+from .speed import median_times
 from .tokenizer import CharTokenizer, Tokenizer
 from .train import TrainConfig
 
 # %% auto #0
 __all__ = ['Verify', 'draft_config', 'check_same_tokenizer', 'kv_cached', 'verify_greedy', 'verify_draft', 'SpeculativeStats',
            'propose', 'check_speculative', 'speculative_decode', 'continuation_probs', 'chi_square_test',
-           'alternating_medians', 'measure_speculative']
+           'measure_speculative']
 
 # %% ../nbs/08d_speculative.ipynb #76f2faee
 def draft_config(target_cfg: TrainConfig,  # the target's training run (from its checkpoint)
@@ -274,22 +273,6 @@ def chi_square_test(counts: Tensor,  # (cells,) observed counts
     return float(statistic), dof, float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), statistic / 2))
 
 # %% ../nbs/08d_speculative.ipynb #9a06a5a0
-def alternating_medians(runners: dict[str, Callable[[], object]],  # name -> a call to time
-                        repeats: int = 5,
-                        ) -> dict[str, float]:  # name -> median seconds
-    "Median wall-clock seconds of each runner, calling them in turn `repeats` times (after one warm-up round)."
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats={repeats!r} must be an integer >= 1")
-    times = {name: [] for name in runners}
-    for round_ in range(repeats + 1):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            if round_:  # round 0 warms up
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def measure_speculative(target: Llama,
                         draft: Llama,
                         prompts: Sequence[Sequence[int]],  # token ids of each prompt
@@ -311,7 +294,7 @@ def measure_speculative(target: Llama,
                                            generator=torch.Generator().manual_seed(seed + i))[1]
                         for i, ids in enumerate(prompts)]
         return run
-    seconds = alternating_medians({0: plain} | {k: speculative(k) for k in ks}, repeats)
+    seconds = median_times({0: plain} | {k: speculative(k) for k in ks}, repeats=repeats)  # chapter 08c: in turn, medians
     rows = []
     for k, s in seconds.items():
         total = SpeculativeStats(*(sum(getattr(x, f) for x in stats.get(k, [])) for f in
