@@ -26,7 +26,7 @@ import torch
 from .data import load_corpus, split_text
 from .measure import evaluate
 from .model import build_model, count_parameters, flops_per_token
-from .train import TrainConfig, TrainResult, train
+from .train import TRAIN_PRESETS, TUNING, TrainConfig, TrainResult, train, tuning_config
 
 # %% auto #0
 __all__ = ['COLUMNS', 'GridFn', 'GRIDS', 'Run', 'machine', 'describe', 'read_results', 'append_row', 'test_bits_per_char',
@@ -180,6 +180,12 @@ def run_grid(name: str,  # a registered grid
             break
         append_row(path, row)
     return read_results(path)
+
+# %% ../nbs/09b_sweep.ipynb #07a958ef
+register_grid("train.tune", lambda results_dir, tiny: [Run(name, tuning_config(changes, tiny)) for name, changes in TUNING.items()])
+register_grid("train.final", lambda results_dir, tiny: [
+    Run(f"seed-{seed}", dataclasses.replace(TRAIN_PRESETS["tiny" if tiny else "cpu"], seed=seed, sample_tokens=0))
+    for seed in range(3)])
 
 # %% ../nbs/09b_sweep.ipynb #b5575961
 def main(argv: list[str] | None = None):

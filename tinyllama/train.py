@@ -39,8 +39,9 @@ from .model import ARCHITECTURES, Architecture, Llama, register_architecture  # 
 from .tokenizer import CharTokenizer, Tokenizer, train_tokenizer
 
 # %% auto #0
-__all__ = ['SPLIT', 'TRAIN_PRESETS', 'TrainConfig', 'get_lr', 'configure_optimizer', 'train_step', 'build_tokenizer',
-           'TrainingData', 'prepare_data', 'Run', 'TrainResult', 'train', 'load_checkpoint', 'load_trained_model']
+__all__ = ['SPLIT', 'TRAIN_PRESETS', 'DEV_SPLIT', 'TUNING', 'TrainConfig', 'get_lr', 'Optimizers', 'configure_optimizer',
+           'train_step', 'build_tokenizer', 'TrainingData', 'prepare_data', 'Run', 'TrainResult', 'train',
+           'load_checkpoint', 'load_trained_model', 'tuning_config']
 
 # %% ../nbs/07_train.ipynb #6dfd3617
 SPLIT = (0.9, 0.1)  # default train and validation fractions of the corpus (chapter 00's split, nanoGPT's)
@@ -61,7 +62,10 @@ class TrainConfig(ConfigMixin):
     max_steps: int = 1000  # optimiser steps; the schedule ends here
     warmup_steps: int = 100  # steps of linear warm-up
     lr: float = 1e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # the cosine ends at min_lr_ratio * lr
+    min_lr_ratio: float = 0.1  # the schedule ends at min_lr_ratio * lr
+    schedule: str = "cosine"  # after warm-up: 'cosine' decay, or 'wsd' (stable at lr, then a linear decay)
+    decay_fraction: float = 0.2  # 'wsd' only: the last fraction of max_steps that decays
+    optimizer: str = "adamw"  # 'adamw'; 'muon': Muon for the blocks' weight matrices, AdamW for the rest
     weight_decay: float = 0.1  # decoupled weight decay on matrices (embedding included), not on norm gains
     beta1: float = 0.9  # AdamW momentum
     beta2: float = 0.95  # AdamW second-moment decay
@@ -106,6 +110,11 @@ class TrainConfig(ConfigMixin):
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError(f"beta1={self.beta1}, beta2={self.beta2} must be in [0, 1); "
                              f"weight_decay={self.weight_decay} and grad_clip={self.grad_clip} must be >= 0")
+        if self.schedule not in ("cosine", "wsd") or not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"schedule={self.schedule!r} must be 'cosine' or 'wsd' and "
+                             f"decay_fraction={self.decay_fraction} in (0, 1]")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer={self.optimizer!r} must be 'adamw' or 'muon'")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} must be 'auto', 'float32' or 'bfloat16'")
 
@@ -140,26 +149,59 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
 
 # %% ../nbs/07_train.ipynb #096b211b
 def get_lr(step: int,  # optimiser steps taken so far (0 for the first update)
-           cfg: TrainConfig,  # supplies lr, warmup_steps, max_steps, min_lr_ratio
+           cfg: TrainConfig,  # supplies lr, warmup_steps, max_steps, min_lr_ratio, schedule, decay_fraction
            ) -> float:
-    "Learning rate for update `step`: linear warm-up to `cfg.lr`, then cosine decay to `cfg.min_lr_ratio * cfg.lr`."
+    "Learning rate for update `step`: linear warm-up to `cfg.lr`, then cosine (or stable-then-linear) decay to `cfg.min_lr_ratio * cfg.lr`."
     if step < 0:
         raise ValueError(f"step={step} must be >= 0")
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     min_lr = cfg.min_lr_ratio * cfg.lr
+    if cfg.schedule == "wsd":  # stable until the last decay_fraction of the run, then straight down
+        decay_start = max(cfg.warmup_steps, round(cfg.max_steps * (1 - cfg.decay_fraction)))
+        progress = min(1.0, max(0, step - decay_start) / max(1, cfg.max_steps - decay_start))
+        return cfg.lr - (cfg.lr - min_lr) * progress
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 # %% ../nbs/07_train.ipynb #23f5c51e
+class Optimizers(torch.optim.Optimizer):
+    "Several optimisers stepped as one: one list of parameter groups (so one schedule sets every rate), one state dict."
+    def __init__(self, *parts: torch.optim.Optimizer):
+        self.parts = parts
+        super().__init__([group for part in parts for group in part.param_groups], defaults={})  # the same group dicts
+
+    def step(self, closure=None):
+        for part in self.parts:
+            part.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state_dict: dict):
+        for part, state in zip(self.parts, state_dict["parts"], strict=True):
+            part.load_state_dict(state)
+
+
 def configure_optimizer(model: nn.Module,  # the model to train
-                        cfg: TrainConfig,  # supplies lr, betas, weight_decay
-                        ) -> torch.optim.AdamW:
-    "AdamW with weight decay on tensors of 2 or more dimensions (matrices, embedding) and none on 1-D ones (norm gains)."
+                        cfg: TrainConfig,  # supplies optimizer, lr, betas, weight_decay
+                        ) -> torch.optim.Optimizer:
+    "AdamW with weight decay on tensors of 2 or more dimensions (matrices, embedding) and none on 1-D ones (norm gains); with `optimizer='muon'`, the blocks' matrices go to Muon instead."
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    hidden = {id(p) for name, p in model.named_parameters() if ".layers." in f".{name}" and p.ndim == 2}
+    muon = [p for p in params if id(p) in hidden] if cfg.optimizer == "muon" else []
+    rest = [p for p in params if id(p) not in {id(q) for q in muon}]
+    groups = [{"params": [p for p in rest if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0}]
+    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    if not muon:
+        return adamw
+    # match_rms_adamw scales each matrix's update to AdamW's typical size, so one lr and schedule serve both
+    return Optimizers(torch.optim.Muon(muon, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"), adamw)
 
 # %% ../nbs/07_train.ipynb #6e94b1c2
 def train_step(model: nn.Module,  # the model, possibly wrapped in DDP and/or torch.compile
@@ -504,3 +546,32 @@ def load_trained_model(path: str | Path,  # checkpoint folder (or run folder)
     model = build_model(cfg.model)
     load_checkpoint(path, model)
     return model.to(device).eval(), load_tokenizer(cfg.tokenizer, path / "tokenizer.model"), cfg
+
+# %% ../nbs/07_train.ipynb #14dd5d40
+DEV_SPLIT = (0.81, 0.09, 0.1)  # tuning: the training part's first 90% trains, its last 10% ('val' here) scores; the
+# third part is chapter 00's validation split, which train() never reads
+
+TUNING = {  # run name: its changes from the base (TrainConfig fields, or model fields prefixed 'model_')
+    "base-520": {},
+    "steps-800": dict(max_steps=800),
+    "muon": dict(max_steps=800, optimizer="muon"),
+    "wsd": dict(max_steps=800, schedule="wsd"),
+    "vocab-2048": dict(max_steps=800, model_vocab_size=2048),
+    "dropout-0.1": dict(max_steps=800, model_dropout=0.1, attention_dropout=0.0),
+}
+_TINY = dict(max_chars=40_000, batch_size=4, seq_len=32, max_steps=2, warmup_steps=1, eval_interval=2, eval_batches=2,
+             log_interval=1, compile=False, dtype="float32", model_dim=32, model_n_layers=1, model_n_heads=2,
+             model_n_kv_heads=2, model_max_seq_len=32, model_vocab_size=400)
+
+
+def tuning_config(changes: dict,  # from TUNING
+                  tiny: bool = False,  # a tiny model for 2 steps, to test the code
+                  ) -> TrainConfig:
+    "The tuning's base (the cpu preset before tuning: AdamW, cosine, 520 steps, vocabulary 1024, no dropout) on DEV_SPLIT, with `changes`."
+    base = dict(split=DEV_SPLIT, max_steps=520, warmup_steps=50, lr=2e-3, weight_decay=4.0, optimizer="adamw",
+                schedule="cosine", attention_dropout=None, sample_tokens=0, model_vocab_size=1024, model_dropout=0.0)
+    settings = base | changes | (_TINY if tiny else {})
+    model = {k.removeprefix("model_"): v for k, v in settings.items() if k.startswith("model_")}
+    rest = {k: v for k, v in settings.items() if not k.startswith("model_")}
+    preset = TRAIN_PRESETS["cpu"]
+    return dataclasses.replace(preset, model=dataclasses.replace(preset.model, **model), **rest)
