@@ -30,7 +30,8 @@ import torch
 from tinyllama.device import pick_device, synchronize
 from tinyllama.gpt2 import GPT2, GPT2Args
 from tinyllama.model import Llama, count_parameters, flops_per_token
-from tinyllama.speed import median_times, stable_peak
+from tinyllama.device import stable_peak
+from tinyllama.speed import median_times
 from tinyllama.train import TRAIN_PRESETS, configure_optimizer, train_step
 
 

@@ -6,12 +6,14 @@ import torch
 import torch.nn as nn
 from torch.profiler import profile
 
+import tinyllama.device as device
 import tinyllama.speed as speed
 from tinyllama.generate import generate_tokens
 from tinyllama.model import PRESETS, Llama
 from tinyllama.norm import RMSNorm
 from tinyllama.rope import apply_rope, precompute_rope
-from tinyllama.speed import (CompiledDecoder, decode_step, median_times, profiler_labels, stable_peak,
+from tinyllama.device import stable_peak
+from tinyllama.speed import (CompiledDecoder, decode_step, median_times, profiler_labels,
                              time_by_category, top_operators)
 
 
@@ -100,6 +102,6 @@ def test_compiled_decoder_errors_name_the_argument(tiny_model):
 
 
 def test_stable_peak_uses_the_recorded_figure(monkeypatch):
-    key = (speed.cpu_model_name(), 3, "float32")
-    monkeypatch.setitem(speed.RECORDED_PEAKS, key, (1.25e11, "test figure"))
+    key = (device.cpu_model_name(), 3, "float32")
+    monkeypatch.setitem(device.RECORDED_PEAKS, key, (1.25e11, "test figure"))
     assert stable_peak(torch.device("cpu"), "float32", 3) == (1.25e11, "recorded: test figure")

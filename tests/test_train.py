@@ -15,8 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+import tinyllama.device as device
 from tinyllama.cli import config_from_args, main
-from tinyllama.model import Llama, PRESETS
+from tinyllama.model import Llama, PRESETS, flops_per_token
 from tinyllama.train import (TRAIN_PRESETS, TrainConfig, check_compatible, configure_optimizer, evaluate, get_lr,
                              load_checkpoint, prepare_data, resolve_checkpoint, save_checkpoint, train)
 
@@ -47,6 +48,38 @@ def test_get_lr_equals_torch_linear_then_cosine(lr, warmup, max_steps):
     assert get_lr(10 * max_steps, cfg) == pytest.approx(0.1 * lr)
 
 
+@pytest.mark.parametrize("lr,warmup,max_steps,fraction", [(1e-3, 10, 100, 0.2), (3e-4, 2, 7, 0.5), (2e-3, 50, 1000, 0.1)])
+def test_get_lr_wsd_equals_torch_linear_constant_linear(lr, warmup, max_steps, fraction):
+    cfg = dataclasses.replace(TINY, lr=lr, warmup_steps=warmup, max_steps=max_steps, schedule="wsd", decay_fraction=fraction)
+    decay_start = round(max_steps * (1 - fraction))
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+    ref = torch.optim.lr_scheduler.SequentialLR(opt, milestones=[warmup, decay_start], schedulers=[
+        torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warmup, total_iters=warmup - 1),
+        torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0),
+        torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.1, total_iters=max_steps - decay_start)])
+    theirs = []
+    for _ in range(max_steps + 1):
+        theirs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    ours = [get_lr(s, cfg) for s in range(max_steps + 1)]
+    assert_close(torch.tensor(ours, dtype=torch.float64), torch.tensor(theirs, dtype=torch.float64), rtol=1e-9, atol=1e-12)
+    assert get_lr(10 * max_steps, cfg) == pytest.approx(0.1 * lr)
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    cfg = dataclasses.replace(TRAIN_PRESETS["cpu"], optimizer="muon")
+    model = Llama(cfg.model)
+    muon, adamw = configure_optimizer(model, cfg).parts
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert {names[id(p)] for p in muon.param_groups[0]["params"]} == {
+        n for n, p in model.named_parameters() if n.startswith("layers.") and p.ndim == 2}
+    assert {names[id(p)] for g in adamw.param_groups for p in g["params"]} == {
+        n for n, p in model.named_parameters() if not n.startswith("layers.") or p.ndim < 2}
+    assert muon.param_groups[0]["weight_decay"] == cfg.weight_decay and adamw.param_groups[1]["weight_decay"] == 0.0
+
+
 def test_weight_decay_on_matrices_only():
     cfg = TRAIN_PRESETS["cpu"]
     model = Llama(cfg.model)
@@ -59,6 +92,14 @@ def test_weight_decay_on_matrices_only():
     assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters() if p.ndim == 2}
     assert "tok_embeddings.weight" in {names[id(p)] for p in decay["params"]}
     assert all(n.endswith("norm.weight") for n in (names[id(p)] for p in no_decay["params"]))
+
+
+def test_mfu_is_against_the_recorded_peak(tmp_path, monkeypatch):
+    key = (device.cpu_model_name(), torch.get_num_threads(), "float32")
+    monkeypatch.setitem(device.RECORDED_PEAKS, key, (1.25e11, "test figure"))
+    result = train(tiny(tmp_path, max_steps=2, eval_interval=2), progress=False)
+    assert result.peak_flops_source == "recorded: test figure"
+    assert result.mfu == pytest.approx(flops_per_token(result.model.args, TINY.seq_len) * result.tokens_per_sec / 1.25e11)
 
 
 def test_evaluate_untrained_model_is_near_log_vocab():
@@ -78,12 +119,14 @@ def _interrupt_at(stop_step):
     return on_step
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("optimizer,schedule", [("adamw", "cosine"), ("muon", "wsd")])
+def test_resume_equals_uninterrupted_run(tmp_path, optimizer, schedule):
     torch.use_deterministic_algorithms(True)
+    settings = dict(optimizer=optimizer, schedule=schedule)
     try:
-        straight = train(tiny(tmp_path, "straight"), progress=False)
-        part1 = train(tiny(tmp_path, "resumed"), progress=False, on_step=_interrupt_at(3))  # not at an eval step
-        part2 = train(tiny(tmp_path, "resumed"), resume=tmp_path / "resumed", progress=False)
+        straight = train(tiny(tmp_path, "straight", **settings), progress=False)
+        part1 = train(tiny(tmp_path, "resumed", **settings), progress=False, on_step=_interrupt_at(3))  # not at an eval step
+        part2 = train(tiny(tmp_path, "resumed", **settings), resume=tmp_path / "resumed", progress=False)
     finally:
         torch.use_deterministic_algorithms(False)
     assert part1.stopped and part1.step == 3 and part2.start_step == 3 and part2.step == 8

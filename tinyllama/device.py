@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -18,8 +20,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 # %% auto #0
-__all__ = ['GPU_PEAK_FLOPS', 'pick_device', 'synchronize', 'peak_flops', 'resolve_dtype', 'autocast', 'CompiledModel', 'DistInfo',
-           'init_distributed', 'setup_device', 'gather', 'any_rank']
+__all__ = ['GPU_PEAK_FLOPS', 'RECORDED_PEAKS', 'pick_device', 'synchronize', 'peak_flops', 'cpu_model_name', 'measure_peak',
+           'stable_peak', 'resolve_dtype', 'autocast', 'CompiledModel', 'DistInfo', 'init_distributed', 'setup_device',
+           'gather', 'any_rank']
 
 # %% ../nbs/06b_devices.ipynb #3cc90a7c
 def pick_device(device: str = "auto",  # 'auto', or a torch device string: 'cpu', 'cuda', 'cuda:1', 'mps'
@@ -84,6 +87,62 @@ def peak_flops(device: torch.device,  # where training runs
         synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * size**3 / best, f"measured {size}x{size} {dtype} matmul, {torch.get_num_threads()} threads"
+
+# %% ../nbs/06b_devices.ipynb #7af9998e
+_METHOD = ("measure_peak (2048 x 2048 matmul, median over 7 rounds of the fastest of 5), median of 3 runs, "
+           "2026-11-30, torch 2.13.0, the course's 2-core KVM guest (Xeon with AMX)")
+RECORDED_PEAKS: dict[tuple[str, int, str], tuple[float, str]] = {
+    # (CPU model name, threads, dtype) -> (FLOP/s, how and when it was measured)
+    ("Intel(R) Xeon(R) Processor", 1, "float32"): (180e9, _METHOD),
+    ("Intel(R) Xeon(R) Processor", 1, "bfloat16"): (1185e9, _METHOD),
+    ("Intel(R) Xeon(R) Processor", 2, "float32"): (357e9, _METHOD),
+    ("Intel(R) Xeon(R) Processor", 2, "bfloat16"): (2296e9, _METHOD),
+}
+
+
+def cpu_model_name() -> str:
+    "The CPU's model name as /proc/cpuinfo gives it (Linux), else platform.processor()."
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_peak(dtype: str = "float32",  # 'float32' or 'bfloat16'
+                 size: int = 2048,  # side of the square matrices
+                 rounds: int = 7,  # rounds of `per_round` multiplies; the median of the rounds' fastest counts
+                 per_round: int = 5,
+                 ) -> float:  # FLOP/s
+    "A CPU's matrix-multiply peak, measured with care: the median over rounds of the fastest of several multiplies."
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    generator = torch.Generator().manual_seed(0)  # leaves the global random state alone
+    a, b = torch.randn(2, size, size, generator=generator).to(torch_dtype)
+    a @ b  # warm-up
+    fastest = []
+    for _ in range(rounds):
+        times = []
+        for _ in range(per_round):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        fastest.append(min(times))
+    return 2 * size**3 / statistics.median(fastest)
+
+
+def stable_peak(device: torch.device,  # where training runs
+                dtype: str,  # 'float32' or 'bfloat16'
+                threads: int,  # torch.get_num_threads() of the run
+                ) -> tuple[float, str]:  # (FLOP/s, where it comes from)
+    "The peak for MFU: a GPU's datasheet figure (above), a peak recorded for this CPU, or one measured now."
+    if device.type != "cpu":
+        return peak_flops(device, dtype, threads=threads)
+    key = (cpu_model_name(), threads, dtype)
+    if key in RECORDED_PEAKS:
+        return RECORDED_PEAKS[key][0], f"recorded: {RECORDED_PEAKS[key][1]}"
+    return measure_peak(dtype), f"measured now ({key} has no recorded peak; add one to RECORDED_PEAKS)"
 
 # %% ../nbs/06b_devices.ipynb #1bc5864c
 def resolve_dtype(dtype: str,  # 'auto', 'float32' or 'bfloat16'

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from .checkpoint import GracefulStop, check_compatible, load_tokenizer, load_weights, read_checkpoint, resolve_checkpoint
 from .checkpoint import save_checkpoint  # noqa: F401 (re-exported)
 from .data import load_corpus, random_batch, split_text
-from .device import CompiledModel, DistInfo, any_rank, gather, peak_flops, resolve_dtype, setup_device
+from .device import CompiledModel, DistInfo, any_rank, gather, resolve_dtype, stable_peak, setup_device
 from .device import init_distributed, pick_device  # noqa: F401 (re-exported)
 from .measure import Meter, MetricsLog, evaluate
 from .measure import plot_metrics, token_nll, window_plan  # noqa: F401 (re-exported)
@@ -185,6 +185,7 @@ class Optimizers(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict):
         for part, state in zip(self.parts, state_dict["parts"], strict=True):
             part.load_state_dict(state)
+        self.param_groups = [group for part in self.parts for group in part.param_groups]  # loading made new dicts
 
 
 def configure_optimizer(model: nn.Module,  # the model to train
@@ -392,7 +393,7 @@ class _Trainer:
         self.out_dir, self.t_start = Path(cfg.out_dir), time.perf_counter()
         self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
         self.log = MetricsLog(self.out_dir / "metrics.csv", run.step if resume else None) if info.is_main else None
-        peak, self.peak_source = (peak_flops(device, cfg.dtype, threads=torch.get_num_threads()) if info.is_main
+        peak, self.peak_source = (stable_peak(device, cfg.dtype, torch.get_num_threads()) if info.is_main
                                   else (float("nan"), ""))  # only rank 0 reports
         self.meter = Meter(flops_per_token(cfg.model, cfg.seq_len), peak * info.world_size)  # CPU ranks share one machine
         self.bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not (progress and info.is_main), unit="step",
@@ -554,10 +555,15 @@ DEV_SPLIT = (0.81, 0.09, 0.1)  # tuning: the training part's first 90% trains, i
 TUNING = {  # run name: its changes from the base (TrainConfig fields, or model fields prefixed 'model_')
     "base-520": {},
     "steps-800": dict(max_steps=800),
-    "muon": dict(max_steps=800, optimizer="muon"),
-    "wsd": dict(max_steps=800, schedule="wsd"),
-    "vocab-2048": dict(max_steps=800, model_vocab_size=2048),
-    "dropout-0.1": dict(max_steps=800, model_dropout=0.1, attention_dropout=0.0),
+    "muon": dict(optimizer="muon"),
+    "wsd": dict(schedule="wsd"),
+    "vocab-2048": dict(model_vocab_size=2048),
+    "dropout-0.1": dict(model_dropout=0.1, attention_dropout=0.0),
+    # round 2: what paid (WSD, dropout) together, and dropout strong enough to pay for more steps
+    "wsd+dropout-0.1": dict(schedule="wsd", model_dropout=0.1, attention_dropout=0.0),
+    "wsd+dropout-0.2": dict(schedule="wsd", model_dropout=0.2, attention_dropout=0.0),
+    "wsd+dropout-0.1+steps-800": dict(schedule="wsd", model_dropout=0.1, attention_dropout=0.0, max_steps=800),
+    "wsd+dropout-0.2+steps-800": dict(schedule="wsd", model_dropout=0.2, attention_dropout=0.0, max_steps=800),
 }
 _TINY = dict(max_chars=40_000, batch_size=4, seq_len=32, max_steps=2, warmup_steps=1, eval_interval=2, eval_batches=2,
              log_interval=1, compile=False, dtype="float32", model_dim=32, model_n_layers=1, model_n_heads=2,
