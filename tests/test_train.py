@@ -30,6 +30,16 @@ def tiny(tmp_path, name="run", **overrides) -> TrainConfig:
     return dataclasses.replace(TINY, out_dir=str(tmp_path / name), **overrides)
 
 
+def _rates(opt, scheduler, n):
+    "The learning rate of each of n steps of a PyTorch optimiser driven by `scheduler`."
+    rates = []
+    for _ in range(n):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    return rates
+
+
 @pytest.mark.parametrize("lr,warmup,max_steps", [(1e-3, 10, 100), (3e-4, 2, 7), (2e-3, 50, 1000)])
 def test_get_lr_equals_torch_linear_then_cosine(lr, warmup, max_steps):
     cfg = dataclasses.replace(TINY, lr=lr, warmup_steps=warmup, max_steps=max_steps)
@@ -38,11 +48,7 @@ def test_get_lr_equals_torch_linear_then_cosine(lr, warmup, max_steps):
     if warmup > 1:
         schedulers.insert(0, torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warmup, total_iters=warmup - 1))
     ref = torch.optim.lr_scheduler.SequentialLR(opt, schedulers, milestones=[warmup]) if warmup > 1 else schedulers[0]
-    theirs = []
-    for _ in range(max_steps + 1):
-        theirs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        ref.step()
+    theirs = _rates(opt, ref, max_steps + 1)
     ours = [get_lr(s, cfg) for s in range(max_steps + 1)]
     assert_close(torch.tensor(ours, dtype=torch.float64), torch.tensor(theirs, dtype=torch.float64), rtol=1e-9, atol=1e-12)
     assert get_lr(10 * max_steps, cfg) == pytest.approx(0.1 * lr)
@@ -57,11 +63,7 @@ def test_get_lr_wsd_equals_torch_linear_constant_linear(lr, warmup, max_steps, f
         torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warmup, total_iters=warmup - 1),
         torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0),
         torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.1, total_iters=max_steps - decay_start)])
-    theirs = []
-    for _ in range(max_steps + 1):
-        theirs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        ref.step()
+    theirs = _rates(opt, ref, max_steps + 1)
     ours = [get_lr(s, cfg) for s in range(max_steps + 1)]
     assert_close(torch.tensor(ours, dtype=torch.float64), torch.tensor(theirs, dtype=torch.float64), rtol=1e-9, atol=1e-12)
     assert get_lr(10 * max_steps, cfg) == pytest.approx(0.1 * lr)

@@ -193,7 +193,7 @@ def configure_optimizer(model: nn.Module,  # the model to train
                         ) -> torch.optim.Optimizer:
     "AdamW with weight decay on tensors of 2 or more dimensions (matrices, embedding) and none on 1-D ones (norm gains); with `optimizer='muon'`, the blocks' matrices go to Muon instead."
     params = [p for p in model.parameters() if p.requires_grad]
-    hidden = {id(p) for name, p in model.named_parameters() if ".layers." in f".{name}" and p.ndim == 2}
+    hidden = {id(p) for name, p in model.named_parameters() if name.startswith("layers.") and p.ndim == 2}
     muon = [p for p in params if id(p) in hidden] if cfg.optimizer == "muon" else []
     rest = [p for p in params if id(p) not in {id(q) for q in muon}]
     groups = [{"params": [p for p in rest if p.ndim >= 2], "weight_decay": cfg.weight_decay},
