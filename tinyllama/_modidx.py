@@ -426,5 +426,5 @@ d = { 'settings': { 'branch': 'main',
                                  'tinyllama.train.load_trained_model': ('train.html#load_trained_model', 'tinyllama/train.py'),
                                  'tinyllama.train.prepare_data': ('train.html#prepare_data', 'tinyllama/train.py'),
                                  'tinyllama.train.train': ('train.html#train', 'tinyllama/train.py'),
-                                 'tinyllama.train.train_step': ('train.html#train_step', 'tinyllama/train.py'),
-                                 'tinyllama.train.tuning_config': ('train.html#tuning_config', 'tinyllama/train.py')}}}
+                                 'tinyllama.train.train_step': ('train.html#train_step', 'tinyllama/train.py')},
+            'tinyllama.tune': {'tinyllama.tune.tuning_config': ('tuning.html#tuning_config', 'tinyllama/tune.py')}}}

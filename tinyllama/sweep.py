@@ -26,7 +26,8 @@ import torch
 from .data import load_corpus, split_text
 from .measure import evaluate
 from .model import build_model, count_parameters, flops_per_token
-from .train import TRAIN_PRESETS, TUNING, TrainConfig, TrainResult, train, tuning_config
+from .train import TRAIN_PRESETS, TrainConfig, TrainResult, train
+from .tune import TUNING, tuning_config
 
 # %% auto #0
 __all__ = ['COLUMNS', 'GridFn', 'GRIDS', 'Run', 'machine', 'describe', 'read_results', 'append_row', 'test_bits_per_char',

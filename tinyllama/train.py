@@ -1,4 +1,4 @@
-"""The loop, built up one concern at a time: a plain loop, then the schedule, clipping, accumulation, evaluation in bits per character, checkpoints and a clean stop; then the course's main job.
+"""The loop, built up one concern at a time: a plain loop, then the schedule, clipping, accumulation, evaluation in bits per character, checkpoints and a clean stop; and the levers the main job is tuned with.
 
 Docs: https://tinyllama-course.github.io/tinyllama/train.html.md"""
 
@@ -39,9 +39,9 @@ from .model import ARCHITECTURES, Architecture, Llama, register_architecture  # 
 from .tokenizer import CharTokenizer, Tokenizer, train_tokenizer
 
 # %% auto #0
-__all__ = ['SPLIT', 'TRAIN_PRESETS', 'DEV_SPLIT', 'TUNING', 'TrainConfig', 'get_lr', 'Optimizers', 'configure_optimizer',
-           'train_step', 'build_tokenizer', 'TrainingData', 'prepare_data', 'Run', 'TrainResult', 'train',
-           'load_checkpoint', 'load_trained_model', 'tuning_config']
+__all__ = ['SPLIT', 'TRAIN_PRESETS', 'TrainConfig', 'get_lr', 'Optimizers', 'configure_optimizer', 'train_step',
+           'build_tokenizer', 'TrainingData', 'prepare_data', 'Run', 'TrainResult', 'train', 'load_checkpoint',
+           'load_trained_model']
 
 # %% ../nbs/07_train.ipynb #6dfd3617
 SPLIT = (0.9, 0.1)  # default train and validation fractions of the corpus (chapter 00's split, nanoGPT's)
@@ -135,11 +135,11 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
         model=dataclasses.replace(PRESETS["tiny"], max_seq_len=32, dropout=0.1), tokenizer="char",
         batch_size=8, seq_len=32, max_steps=20, warmup_steps=4, lr=3e-3, eval_interval=10, eval_batches=4,
         log_interval=2, dtype="float32", out_dir="runs/tiny", sample_tokens=40),
-    "cpu": TrainConfig(
+    "cpu": TrainConfig(  # chosen in chapter 07a on a development split: WSD to 0, residual dropout 0.1, 800 steps
         model=ModelArgs(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=1024, multiple_of=32,
-                        max_seq_len=256, dropout=0.0),
-        tokenizer="bpe", batch_size=32, seq_len=256, max_steps=520, warmup_steps=50, lr=2e-3, weight_decay=4.0,
-        eval_interval=130, log_interval=10, compile=True, out_dir="runs/cpu"),
+                        max_seq_len=256, dropout=0.1), attention_dropout=0.0,  # SDPA's fused kernel, no dropout
+        tokenizer="bpe", batch_size=32, seq_len=256, max_steps=800, warmup_steps=50, lr=2e-3, schedule="wsd",
+        min_lr_ratio=0.0, weight_decay=4.0, eval_interval=100, log_interval=10, compile=True, out_dir="runs/cpu"),
     "gpu": TrainConfig(
         model=ModelArgs(dim=384, n_layers=6, n_heads=6, n_kv_heads=2, vocab_size=1024, multiple_of=64,
                         max_seq_len=256, dropout=0.2),
@@ -547,37 +547,3 @@ def load_trained_model(path: str | Path,  # checkpoint folder (or run folder)
     model = build_model(cfg.model)
     load_checkpoint(path, model)
     return model.to(device).eval(), load_tokenizer(cfg.tokenizer, path / "tokenizer.model"), cfg
-
-# %% ../nbs/07_train.ipynb #14dd5d40
-DEV_SPLIT = (0.81, 0.09, 0.1)  # tuning: the training part's first 90% trains, its last 10% ('val' here) scores; the
-# third part is chapter 00's validation split, which train() never reads
-
-TUNING = {  # run name: its changes from the base (TrainConfig fields, or model fields prefixed 'model_')
-    "base-520": {},
-    "steps-800": dict(max_steps=800),
-    "muon": dict(optimizer="muon"),
-    "wsd": dict(schedule="wsd"),
-    "vocab-2048": dict(model_vocab_size=2048),
-    "dropout-0.1": dict(model_dropout=0.1, attention_dropout=0.0),
-    # round 2: what paid (WSD, dropout) together, and dropout strong enough to pay for more steps
-    "wsd+dropout-0.1": dict(schedule="wsd", model_dropout=0.1, attention_dropout=0.0),
-    "wsd+dropout-0.2": dict(schedule="wsd", model_dropout=0.2, attention_dropout=0.0),
-    "wsd+dropout-0.1+steps-800": dict(schedule="wsd", model_dropout=0.1, attention_dropout=0.0, max_steps=800),
-    "wsd+dropout-0.2+steps-800": dict(schedule="wsd", model_dropout=0.2, attention_dropout=0.0, max_steps=800),
-}
-_TINY = dict(max_chars=40_000, batch_size=4, seq_len=32, max_steps=2, warmup_steps=1, eval_interval=2, eval_batches=2,
-             log_interval=1, compile=False, dtype="float32", model_dim=32, model_n_layers=1, model_n_heads=2,
-             model_n_kv_heads=2, model_max_seq_len=32, model_vocab_size=400)
-
-
-def tuning_config(changes: dict,  # from TUNING
-                  tiny: bool = False,  # a tiny model for 2 steps, to test the code
-                  ) -> TrainConfig:
-    "The tuning's base (the cpu preset before tuning: AdamW, cosine, 520 steps, vocabulary 1024, no dropout) on DEV_SPLIT, with `changes`."
-    base = dict(split=DEV_SPLIT, max_steps=520, warmup_steps=50, lr=2e-3, weight_decay=4.0, optimizer="adamw",
-                schedule="cosine", attention_dropout=None, sample_tokens=0, model_vocab_size=1024, model_dropout=0.0)
-    settings = base | changes | (_TINY if tiny else {})
-    model = {k.removeprefix("model_"): v for k, v in settings.items() if k.startswith("model_")}
-    rest = {k: v for k, v in settings.items() if not k.startswith("model_")}
-    preset = TRAIN_PRESETS["cpu"]
-    return dataclasses.replace(preset, model=dataclasses.replace(preset.model, **model), **rest)
