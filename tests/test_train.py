@@ -54,19 +54,21 @@ def test_get_lr_equals_torch_linear_then_cosine(lr, warmup, max_steps):
     assert get_lr(10 * max_steps, cfg) == pytest.approx(0.1 * lr)
 
 
-@pytest.mark.parametrize("lr,warmup,max_steps,fraction", [(1e-3, 10, 100, 0.2), (3e-4, 2, 7, 0.5), (2e-3, 50, 1000, 0.1)])
-def test_get_lr_wsd_equals_torch_linear_constant_linear(lr, warmup, max_steps, fraction):
-    cfg = dataclasses.replace(TINY, lr=lr, warmup_steps=warmup, max_steps=max_steps, schedule="wsd", decay_fraction=fraction)
+@pytest.mark.parametrize("lr,warmup,max_steps,fraction,floor", [(1e-3, 10, 100, 0.2, 0.1), (3e-4, 2, 7, 0.5, 0.1),
+                                                                (2e-3, 50, 1000, 0.1, 0.1), (2e-3, 50, 800, 0.2, 0.0)])
+def test_get_lr_wsd_equals_torch_linear_constant_linear(lr, warmup, max_steps, fraction, floor):
+    cfg = dataclasses.replace(TINY, lr=lr, warmup_steps=warmup, max_steps=max_steps, schedule="wsd", decay_fraction=fraction,
+                              min_lr_ratio=floor)
     decay_start = round(max_steps * (1 - fraction))
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
     ref = torch.optim.lr_scheduler.SequentialLR(opt, milestones=[warmup, decay_start], schedulers=[
         torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warmup, total_iters=warmup - 1),
         torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0),
-        torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.1, total_iters=max_steps - decay_start)])
+        torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=floor, total_iters=max_steps - decay_start)])
     theirs = _rates(opt, ref, max_steps + 1)
     ours = [get_lr(s, cfg) for s in range(max_steps + 1)]
     assert_close(torch.tensor(ours, dtype=torch.float64), torch.tensor(theirs, dtype=torch.float64), rtol=1e-9, atol=1e-12)
-    assert get_lr(10 * max_steps, cfg) == pytest.approx(0.1 * lr)
+    assert get_lr(10 * max_steps, cfg) == pytest.approx(floor * lr)
 
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
