@@ -49,8 +49,8 @@ def tuning_config(changes: dict,  # from TUNING
     "The tuning's base (the cpu preset before tuning: AdamW, cosine, 520 steps, vocabulary 1024, no dropout) on DEV_SPLIT, with `changes`."
     base = dict(split=DEV_SPLIT, batch_size=32, seq_len=256, max_steps=520, warmup_steps=50, lr=2e-3,
                 min_lr_ratio=0.1, weight_decay=4.0, optimizer="adamw", schedule="cosine", decay_fraction=0.2,
-                attention_dropout=None, sample_tokens=0, model_vocab_size=1024, model_max_seq_len=256,
-                model_dropout=0.0)
+                attention_dropout=None, eval_interval=130, sample_tokens=0, model_vocab_size=1024,
+                model_max_seq_len=256, model_dropout=0.0)
     settings = base | changes | (_TINY if tiny else {})
     model = {k.removeprefix("model_"): v for k, v in settings.items() if k.startswith("model_")}
     rest = {k: v for k, v in settings.items() if not k.startswith("model_")}
