@@ -36,8 +36,8 @@ TUNING |= {"r2+decay-0.4": _ROUND2 | dict(decay_fraction=0.4),
            "r2+batch-16": _ROUND2 | dict(batch_size=16, max_steps=1600, warmup_steps=100),
            "r2+dropout-0.15": _ROUND2 | dict(model_dropout=0.15),
            "r2+vocab-512": _ROUND2 | dict(model_vocab_size=512),
-           "r2+context-512": _ROUND2 | dict(seq_len=512, model_max_seq_len=512, batch_size=16)}
-TUNING["r3"] = _ROUND2 | dict(min_lr_ratio=0.0, model_dropout=0.15)  # round 4: round 3's two gains together
+           "r2+context-512": _ROUND2 | dict(seq_len=512, model_max_seq_len=512, batch_size=16),
+           "r3": _ROUND2 | dict(min_lr_ratio=0.0, model_dropout=0.15)}  # round 4: round 3's two gains together
 _TINY = dict(max_chars=40_000, batch_size=4, seq_len=32, max_steps=2, warmup_steps=1, eval_interval=2, eval_batches=2,
              log_interval=1, compile=False, dtype="float32", model_dim=32, model_n_layers=1, model_n_heads=2,
              model_n_kv_heads=2, model_max_seq_len=32, model_vocab_size=400)
