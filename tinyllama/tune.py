@@ -38,6 +38,12 @@ TUNING |= {"r2+decay-0.4": _ROUND2 | dict(decay_fraction=0.4),
            "r2+vocab-512": _ROUND2 | dict(model_vocab_size=512),
            "r2+context-512": _ROUND2 | dict(seq_len=512, model_max_seq_len=512, batch_size=16),
            "r3": _ROUND2 | dict(min_lr_ratio=0.0, model_dropout=0.15)}  # round 4: round 3's two gains together
+_CHOSEN = TUNING["r2+min-lr-0"]  # round 5: the levers not yet tried, one each on the chosen preset ('p')
+TUNING |= {"p+muon": _CHOSEN | dict(optimizer="muon"),
+           "p+muon+lr-4e-3": _CHOSEN | dict(optimizer="muon", lr=4e-3),
+           "p+wd-2": _CHOSEN | dict(weight_decay=2.0),
+           "p+wd-8": _CHOSEN | dict(weight_decay=8.0),
+           "p+layers-6": _CHOSEN | dict(model_n_layers=6, max_steps=540)}  # 1.47x the FLOPs a token: fewer steps
 _TINY = dict(max_chars=40_000, batch_size=4, seq_len=32, max_steps=2, warmup_steps=1, eval_interval=2, eval_batches=2,
              log_interval=1, compile=False, dtype="float32", model_dim=32, model_n_layers=1, model_n_heads=2,
              model_n_kv_heads=2, model_max_seq_len=32, model_vocab_size=400)
