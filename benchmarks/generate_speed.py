@@ -32,16 +32,7 @@ import torch
 from tinyllama.generate import decode_tokens_per_sec, generate_tokens, time_per_token
 from tinyllama.model import count_parameters, to_hf_llama
 from tinyllama.speed import CompiledDecoder
-from tinyllama.train import load_trained_model
-
-
-def find_checkpoint(path: str | Path) -> Path | None:
-    "The checkpoint folder `path` means: itself, its best/ or its last/; None if there is none."
-    path = Path(path)
-    for candidate in (path, path / "best", path / "last"):
-        if (candidate / "model.safetensors").is_file():
-            return candidate
-    return None
+from tinyllama.train import find_checkpoint, load_trained_model
 
 
 def runners_for(model, hf_models: dict, prompt: torch.Tensor, decoder: CompiledDecoder) -> dict:

@@ -5,7 +5,7 @@
     python benchmarks/train_throughput.py --preset gpu --device cuda
 
 Four runners take full optimiser steps (forward, cross-entropy, backward, clipping, AdamW) on random tokens,
-with `tinyllama.train.configure_optimizer` and `tinyllama.train.train_step`, the code the training loop runs:
+with `tinyllama.recipe.configure_optimizer` and `tinyllama.recipe.train_step`, the code the training loop runs:
 
 - tinyllama: `tinyllama.model.Llama` at the preset's shape, eager and `torch.compile`d;
 - GPT-2: `tinyllama.gpt2.GPT2` (chapter 09) at the same width, depth, heads, vocabulary and context, biases and
@@ -32,7 +32,7 @@ from tinyllama.gpt2 import GPT2, GPT2Args
 from tinyllama.model import Llama, count_parameters, flops_per_token
 from tinyllama.device import stable_peak
 from tinyllama.speed import median_times
-from tinyllama.train import TRAIN_PRESETS, configure_optimizer, train_step
+from tinyllama.recipe import TRAIN_PRESETS, configure_optimizer, train_step
 
 
 def build_models(preset: str, seed: int = 0) -> tuple[dict, object, object]:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from .generate import generate
 from .model import ModelArgs
-from .train import TRAIN_PRESETS, TrainConfig, TrainResult, load_checkpoint, resolve_checkpoint, train
+from .recipe import TRAIN_PRESETS, TrainConfig
+from .train import TrainResult, load_checkpoint, resolve_checkpoint, train
 
 # %% auto #0
 __all__ = ['build_parser', 'config_from_args', 'summarize', 'report', 'main']

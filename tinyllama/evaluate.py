@@ -26,7 +26,7 @@ from .hybrid import Hybrid, HybridArgs  # chapter 09a's; still importable from h
 from .measure import evaluate, token_nll, window_plan
 from .model import ModelArgs
 from .sweep import Run, read_results, register_grid
-from .train import TrainConfig, train_step
+from .recipe import TrainConfig, train_step
 
 # %% ../nbs/10_evaluate.ipynb #49600422
 def split_metrics(model: nn.Module,  # model(tokens (B, T)) -> logits (B, T, vocab_size)
@@ -277,7 +277,7 @@ def finetune(model: nn.Module,  # a Llama, GPT2 or Hybrid (updated in place)
              seed: int = 0,  # seeds the batch sampler
              autocast_dtype: torch.dtype | None = None,  # bfloat16 for autocast, None for float32
              ) -> list[float]:  # the training loss of every step (nats/token)
-    "A few AdamW steps of next-token training on random windows of `ids`, with chapter 07's `train_step`."
+    "A few AdamW steps of next-token training on random windows of `ids`, with chapter 06d's `train_step`."
     if steps < 1:
         raise ValueError(f"steps={steps} must be a positive integer")
     generator = torch.Generator().manual_seed(seed)

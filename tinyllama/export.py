@@ -27,7 +27,8 @@ import tinyllama
 from .checkpoint import read_json, verify_checkpoint, write_manifest
 from .model import Llama, from_hf_llama, to_hf_llama
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, SPACE_MARKER, TOKENIZER_FILENAME, UNK_ID, Tokenizer
-from .train import TrainConfig, load_trained_model, resolve_checkpoint
+from .recipe import TrainConfig
+from .train import load_trained_model, resolve_checkpoint
 
 # %% auto #0
 __all__ = ['EXPORT_FORMATS', 'GGUF_TYPES', 'EXPORT_RECORD', 'HF_CHECK_SCRIPT', 'check_exportable', 'sentencepiece_pieces',

@@ -26,7 +26,8 @@ import torch
 from .data import load_corpus, split_text
 from .measure import evaluate
 from .model import build_model, count_parameters, flops_per_token
-from .train import TRAIN_PRESETS, TrainConfig, TrainResult, train
+from .recipe import TRAIN_PRESETS, TrainConfig
+from .train import TrainResult, train
 from .tune import TUNING, tuning_config
 
 # %% auto #0

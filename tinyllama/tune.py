@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .train import TRAIN_PRESETS, TrainConfig
+from .recipe import TRAIN_PRESETS, TrainConfig
 
 # %% auto #0
 __all__ = ['DEV_SPLIT', 'TUNING', 'tuning_config']
