@@ -25,8 +25,8 @@ from .gpt2 import load_pretrained_gpt2, matched_gpt2_args
 from .hybrid import Hybrid, HybridArgs  # chapter 09a's; still importable from here, where they began
 from .measure import evaluate, token_nll, window_plan
 from .model import ModelArgs
-from .sweep import Run, read_results, register_grid
 from .recipe import TrainConfig, train_step
+from .sweep import Run, read_results, register_grid
 
 # %% ../nbs/10_evaluate.ipynb #49600422
 def split_metrics(model: nn.Module,  # model(tokens (B, T)) -> logits (B, T, vocab_size)

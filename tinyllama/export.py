@@ -26,8 +26,8 @@ from torch import Tensor
 import tinyllama
 from .checkpoint import read_json, verify_checkpoint, write_manifest
 from .model import Llama, from_hf_llama, to_hf_llama
-from .tokenizer import BOS_ID, EOS_ID, PAD_ID, SPACE_MARKER, TOKENIZER_FILENAME, UNK_ID, Tokenizer
 from .recipe import TrainConfig
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, SPACE_MARKER, TOKENIZER_FILENAME, UNK_ID, Tokenizer
 from .train import load_trained_model, resolve_checkpoint
 
 # %% auto #0

@@ -25,8 +25,8 @@ from tqdm import tqdm
 from .checkpoint import save_checkpoint
 from .generate import generate_tokens
 from .model import Llama, build_model
-from .tokenizer import PAD_ID, Tokenizer, bits_per_char
 from .recipe import TrainConfig, configure_optimizer, get_lr, train_step
+from .tokenizer import PAD_ID, Tokenizer, bits_per_char
 
 # %% auto #0
 __all__ = ['USER', 'ASSISTANT', 'CHAT_PIECES', 'IGNORE_INDEX', 'add_special_pieces', 'extend_vocab', 'Speech', 'parse_speeches',

@@ -19,8 +19,8 @@ import torch
 
 from .evaluate import WIDTHS, best_lr, comparison_config, shape
 from .model import build_model, count_parameters, flops_per_token
-from .sweep import Run, append_row, describe, read_results, register_grid
 from .recipe import prepare_data
+from .sweep import Run, append_row, describe, read_results, register_grid
 
 # %% auto #0
 __all__ = ['BUDGETS', 'LONG_BUDGET', 'LONG_WIDTHS', 'MAX_FIT_EPOCHS', 'PREDICT_WIDTH', 'PREDICT_STEPS', 'budgets_grid',

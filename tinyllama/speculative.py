@@ -18,9 +18,9 @@ from torch import Tensor
 
 from .generate import check_sampling, generate_tokens, sampling_probs
 from .model import Llama
+from .recipe import TrainConfig
 from .speed import median_times
 from .tokenizer import CharTokenizer, Tokenizer
-from .recipe import TrainConfig
 
 # %% auto #0
 __all__ = ['Verify', 'draft_config', 'check_same_tokenizer', 'kv_cached', 'verify_greedy', 'verify_draft', 'SpeculativeStats',
