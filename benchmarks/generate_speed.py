@@ -9,8 +9,9 @@ CPU, greedy, decode tokens per second with the prefill excluded: (n - 1) / (time
 slows all alike:
 
 - tinyllama eager: `tinyllama.generate.generate_tokens`, the model's forward over the KV cache (chapter 08);
-- tinyllama compiled: `tinyllama.speed.CompiledDecoder`, one `torch.compile`d decode step over the
-  pre-allocated cache with static shapes (chapter 08c);
+- tinyllama compiled: `tinyllama.speed.CompiledDecoder` with `greedy_chunk=8`, one `torch.compile`d graph that
+  makes 8 greedy tokens a call over the pre-allocated cache with static shapes (chapter 08c); and the same decoder
+  making one token a call;
 - transformers: `LlamaForCausalLM.generate` on the same weights (`tinyllama.model.to_hf_llama`), with SDPA and with
   eager attention; the faster of the two is the reference.
 
@@ -35,11 +36,12 @@ from tinyllama.speed import CompiledDecoder
 from tinyllama.train import find_checkpoint, load_trained_model
 
 
-def runners_for(model, hf_models: dict, prompt: torch.Tensor, decoder: CompiledDecoder) -> dict:
+def runners_for(model, hf_models: dict, prompt: torch.Tensor, decoders: dict[str, CompiledDecoder]) -> dict:
     "name -> generate(n) for every implementation, each making n greedy tokens after `prompt` (B, P)."
     rows = prompt.tolist()
-    runners = {"tinyllama eager": lambda n: list(generate_tokens(model, rows, n)),
-               "tinyllama compiled": lambda n: list(decoder.generate_tokens(rows, n))}
+    runners = {"tinyllama eager": lambda n: list(generate_tokens(model, rows, n))}
+    for name, decoder in decoders.items():
+        runners[name] = lambda n, decoder=decoder: list(decoder.generate_tokens(rows, n))
     for name, hf in hf_models.items():
         runners[name] = lambda n, hf=hf: hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                                      max_new_tokens=n, min_new_tokens=n)
@@ -101,8 +103,9 @@ def main(argv=None):
     for batch_size in a.batch_sizes:
         prompt = torch.randint(4, model.args.vocab_size, (batch_size, a.prompt_len))  # (B, P), no special ids
         t0 = time.perf_counter()
-        decoder = CompiledDecoder(model, batch_size)
-        runners = runners_for(model, hf_models, prompt, decoder)
+        decoders = {"tinyllama compiled": CompiledDecoder(model, batch_size, greedy_chunk=8),
+                    "tinyllama compiled, 1 token a call": CompiledDecoder(model, batch_size)}
+        runners = runners_for(model, hf_models, prompt, decoders)
         with torch.no_grad():
             agree = same_tokens(runners, prompt, a.new_tokens)
             compile_s = time.perf_counter() - t0

@@ -105,3 +105,19 @@ def test_stable_peak_uses_the_recorded_figure(monkeypatch):
     key = (device.cpu_model_name(), 3, "float32")
     monkeypatch.setitem(device.RECORDED_PEAKS, key, (1.25e11, "test figure"))
     assert stable_peak(torch.device("cpu"), "float32", 3) == (1.25e11, "recorded: test figure")
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"eos_id": 5}, {"temperature": 0.9, "top_k": 20}])
+def test_greedy_chunks_give_generate_tokens_tokens(tiny_model, kwargs):
+    "Several greedy tokens a call (and the single steps at the end of the cache) change no token; sampling keeps its steps."
+    prompts = [[3, 4, 5, 6, 7], [8, 9]]  # left padding included
+    n_new = tiny_model.args.max_seq_len - 5  # to the end of the cache: the last tokens come one step a call
+    ours = CompiledDecoder(tiny_model, batch_size=2, greedy_chunk=3)
+    a = list(ours.generate_tokens(prompts, n_new, generator=torch.Generator().manual_seed(3), **kwargs))
+    b = list(generate_tokens(tiny_model, prompts, n_new, generator=torch.Generator().manual_seed(3), **kwargs))
+    assert torch.equal(torch.stack(a), torch.stack(b))
+
+
+def test_greedy_chunk_must_be_a_positive_integer(tiny_model):
+    with pytest.raises(ValueError, match="greedy_chunk"):
+        CompiledDecoder(tiny_model, greedy_chunk=0)

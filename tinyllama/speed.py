@@ -6,10 +6,11 @@ Docs: https://tinyllama-course.github.io/tinyllama/speed.html.md"""
 
 # %% auto #0
 __all__ = ['MATMUL_OPS', 'CROSS_ENTROPY_OPS', 'CAST_OPS', 'median_times', 'profiler_labels', 'time_by_category', 'top_operators',
-           'decode_attention', 'decode_step', 'CompiledDecoder']
+           'decode_attention', 'decode_step', 'greedy_steps', 'CompiledDecoder']
 
 # %% ../nbs/08c_speed.ipynb #1c56c070
 import contextlib
+import functools
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -185,20 +186,37 @@ def decode_step(model: Llama,
         h = h + layer.feed_forward(layer.ffn_norm(h))
     return model.output(model.norm(h))[:, -1].float()  # (B, vocab_size)
 
+# %% ../nbs/08c_speed.ipynb #7125300e
+def greedy_steps(model: Llama,
+                 tokens: Tensor,  # (B, 1) the newest token of each row, at `position`
+                 position: Tensor,  # (1,) long
+                 key_mask: Tensor,  # (B, S) bool over the whole cache, as decode_step takes it
+                 n_steps: int,  # tokens to make; fixed for a compiled graph
+                 ) -> Tensor:  # (B, n_steps) the greedy tokens at positions position + 1, ..., position + n_steps
+    "`n_steps` greedy decode steps, each feeding its argmax to the next: one call, several tokens."
+    made = []
+    for i in range(n_steps):
+        tokens = decode_step(model, tokens, position + i, key_mask).argmax(-1, keepdim=True)  # (B, 1)
+        made.append(tokens)
+    return torch.cat(made, dim=1)
+
 # %% ../nbs/08c_speed.ipynb #b51e86e1
 class CompiledDecoder:
     "Generation whose decode step is one `torch.compile`d graph over a pre-allocated KV cache of max_seq_len."
     def __init__(self, model: Llama,
                  batch_size: int = 1,  # the rows it generates at once (every call uses exactly this many)
-                 compile: bool = True):  # False: the same static step, run eagerly (for checks)
+                 compile: bool = True,  # False: the same static step, run eagerly (for checks)
+                 greedy_chunk: int = 1):  # greedy decoding makes this many tokens per call (>1: a larger graph)
         if type(model) is not Llama:
             raise ValueError(f"model is a {type(model).__name__}; CompiledDecoder runs tinyllama.model.Llama only")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
-        self.model, self.batch_size = model, batch_size
-        # cpp_wrapper: the generated code calls its kernels from C++, with no Python between them (1.25x at batch 1 here)
-        self.step = (torch.compile(decode_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
-                     if compile else decode_step)
+        for name, value in (("batch_size", batch_size), ("greedy_chunk", greedy_chunk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        self.model, self.batch_size, self.greedy_chunk = model, batch_size, greedy_chunk
+        # cpp_wrapper: the generated code calls its kernels from C++, with no Python between them (the ladder below measures it)
+        compiled = lambda f: torch.compile(f, fullgraph=True, dynamic=False, options={"cpp_wrapper": True}) if compile else f
+        self.step = compiled(decode_step)
+        self.chunk = compiled(functools.partial(greedy_steps, n_steps=greedy_chunk)) if greedy_chunk > 1 else None
 
     def generate_tokens(self, prompt_ids: Sequence[Sequence[int]],  # batch_size non-empty lists of token ids
                         max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -232,16 +250,23 @@ class CompiledDecoder:
         try:
             logits = model(prompt, key_mask=None if prompt_mask.all() else prompt_mask)[:, -1]  # (B, vocab_size)
             done = torch.zeros(batch_size, dtype=torch.bool, device=device)
-            for i, position in enumerate(range(prompt_len, prompt_len + n_new)):
-                next_ids = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-                if eos_id is not None:
+            queued, position = [sample_next(logits, temperature, top_k, top_p, generator)], prompt_len
+            for i in range(n_new):
+                next_ids = queued.pop(0)  # (B,)
+                if eos_id is not None:  # a finished row repeats eos_id, whatever the model made for it
                     next_ids = next_ids.masked_fill(done, eos_id)
                     done |= next_ids == eos_id
                 yield next_ids
                 if i == n_new - 1 or (eos_id is not None and done.all()):
                     return
-                position = torch.tensor([position], device=device)
-                logits = self.step(model, next_ids[:, None], position, key_mask)  # (B, vocab_size)
+                if not queued:  # next_ids sits at `position`: one call makes the tokens after it
+                    at = torch.tensor([position], device=device)
+                    if self.chunk is not None and temperature == 0 and position + self.greedy_chunk <= key_mask.shape[1]:
+                        queued = list(self.chunk(model, next_ids[:, None], at, key_mask).unbind(1))  # greedy_chunk x (B,)
+                    else:
+                        queued = [sample_next(self.step(model, next_ids[:, None], at, key_mask), temperature, top_k,
+                                              top_p, generator)]
+                    position += len(queued)
         finally:
             for layer, cache in zip(model.layers, saved):
                 layer.attention.cache = cache
