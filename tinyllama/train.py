@@ -282,7 +282,11 @@ def train(cfg: TrainConfig,  # what to train and how
                     trainer.stop()
                     stopped = True
                     break
-        return _result(trainer, stopped, t_start)
+        result = _result(trainer, stopped, t_start)
+        if info.world_size > 1:
+            dist.barrier()  # rank 0 alone scores the validation split: every rank leaves together,
+            time.sleep(0.1)  # and gloo's threads get the GIL to free their last work (chapter 07 says why)
+        return result
     finally:
         if info.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
