@@ -9,10 +9,11 @@ from torch.testing import assert_close
 
 from tinyllama.data import load_corpus, split_text
 from tinyllama.model import Llama, ModelArgs
+from tinyllama.dpo import dpo_loss, dpo_step, pair_logps, preference_pairs
 from tinyllama.posttrain import (ASSISTANT, CHAT_PIECES, IGNORE_INDEX, USER, Exchange, Speech, add_special_pieces,
-                                 build_exchanges, chat_ids, clip_lines, collate, dpo_loss, dpo_step, encode_chat,
-                                 extend_vocab, masked_targets, pair_logps, parse_speeches, preference_pairs, reply_format,
-                                 reply_task, response_kl, response_loss, sequence_logps, speaker_baselines, who_task)
+                                 build_exchanges, chat_ids, clip_lines, collate, encode_chat, extend_vocab,
+                                 masked_targets, parse_speeches, reply_format, reply_task, response_kl, response_loss,
+                                 sequence_logps, speaker_baselines, who_task)
 from tinyllama.tokenizer import CharTokenizer, Tokenizer, train_tokenizer
 from tinyllama.train import train_step
 

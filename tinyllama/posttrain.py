@@ -1,4 +1,4 @@
-"""Supervised fine-tuning with the loss on the response only, then direct preference optimisation: the pre-trained model taught to reply in character and to name a speaker, on data made from the corpus itself.
+"""Supervised fine-tuning with the loss on the response only: the pre-trained model taught to reply in character and to name a speaker, on data made from the corpus itself.
 
 Docs: https://tinyllama-course.github.io/tinyllama/posttrain.html.md"""
 
@@ -32,8 +32,7 @@ from .tokenizer import PAD_ID, Tokenizer, bits_per_char
 __all__ = ['USER', 'ASSISTANT', 'CHAT_PIECES', 'IGNORE_INDEX', 'add_special_pieces', 'extend_vocab', 'Speech', 'parse_speeches',
            'Exchange', 'build_exchanges', 'clip_lines', 'reply_task', 'who_task', 'chat_ids', 'encode_chat',
            'masked_targets', 'collate', 'sequence_logps', 'response_loss', 'generate_responses', 'reply_format',
-           'chat_metrics', 'speaker_baselines', 'finetune', 'sft_step', 'preference_pairs', 'dpo_loss', 'pair_logps',
-           'dpo_step', 'response_kl', 'dpo_metrics']
+           'chat_metrics', 'speaker_baselines', 'finetune', 'sft_step', 'response_kl']
 
 # %% ../nbs/12_posttrain.ipynb #0c45aeed
 USER, ASSISTANT = "<|user|>", "<|assistant|>"
@@ -363,86 +362,7 @@ def sft_step(model: nn.Module,
         return {"train_loss": loss.item(), "grad_norm": grad_norm.item()}
     return step
 
-# %% ../nbs/12_posttrain.ipynb #ceed6280
-def preference_pairs(exchanges: Sequence[Exchange],  # one split's exchanges
-                     seed: int = 0,  # picks the rejected replies
-                     turn_chars: int = 160,
-                     reply_chars: int = 200,
-                     ) -> list[tuple[str, str, str]]:  # (prompt, chosen, rejected)
-    "For each exchange: the reply prompt, the true reply, and another passage's reply by another speaker under the same name."
-    if len({e.passage for e in exchanges}) < 2:
-        raise ValueError("preference_pairs needs exchanges from at least two passages: rejected replies come from another one")
-    generator, pairs = torch.Generator().manual_seed(seed), []
-    for exchange in exchanges:
-        prompt, chosen = reply_task(exchange, turn_chars, reply_chars)
-        while True:
-            other = exchanges[torch.randint(len(exchanges), (1,), generator=generator).item()]
-            if other.passage != exchange.passage and other.reply.speaker != exchange.reply.speaker:
-                break
-        pairs.append((prompt, chosen, f"{exchange.reply.speaker}:\n{clip_lines(other.reply.text, reply_chars)}"))
-    return pairs
-
-# %% ../nbs/12_posttrain.ipynb #b7940a45
-def dpo_loss(policy_chosen: Tensor,  # (B,) log pi_theta(chosen | prompt), summed over the response
-             policy_rejected: Tensor,  # (B,) log pi_theta(rejected | prompt)
-             reference_chosen: Tensor,  # (B,) the same under the frozen reference
-             reference_rejected: Tensor,  # (B,)
-             beta: float = 0.1,  # > 0: the strength of the implicit KL constraint
-             ) -> tuple[Tensor, Tensor, Tensor]:  # (mean loss, chosen rewards (B,), rejected rewards (B,))
-    "DPO's loss, -log sigmoid(beta (log ratio of chosen - log ratio of rejected)), and the implicit rewards beta log(pi / pi_ref)."
-    if not beta > 0:
-        raise ValueError(f"beta={beta!r} must be positive")
-    chosen_rewards = beta * (policy_chosen - reference_chosen)  # (B,)
-    rejected_rewards = beta * (policy_rejected - reference_rejected)  # (B,)
-    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)  # (B,): log(1 + e^-margin), stable for any margin
-    return losses.mean(), chosen_rewards.detach(), rejected_rewards.detach()
-
-# %% ../nbs/12_posttrain.ipynb #86a19101
-@torch.no_grad()
-def pair_logps(model: nn.Module,
-               tokenizer: Tokenizer,  # with the chat pieces
-               pairs: Sequence[tuple[str, str, str]],  # (prompt, chosen, rejected)
-               batch_size: int = 32,
-               ) -> Tensor:  # (N, 2) float32: log p(chosen | prompt), log p(rejected | prompt)
-    "Summed response log-probabilities of both answers of every pair (no gradient)."
-    was_training, rows = model.training, []
-    model.eval()
-    try:
-        for i in range(0, len(pairs), batch_size):
-            chunk = pairs[i:i + batch_size]
-            x, y = collate([encode_chat(tokenizer, p, c) for p, c, _ in chunk] + [encode_chat(tokenizer, p, r) for p, _, r in chunk])
-            logps = sequence_logps(model, x, y).cpu()  # (2 * len(chunk),)
-            rows.append(torch.stack([logps[:len(chunk)], logps[len(chunk):]], dim=1))  # (len(chunk), 2)
-    finally:
-        model.train(was_training)
-    return torch.cat(rows)
-
-
-def dpo_step(policy: nn.Module,
-             examples: Sequence[tuple[tuple[list[int], int], tuple[list[int], int]]],  # per pair: encoded chosen, rejected
-             reference_logps: Tensor,  # (N, 2) pair_logps of the reference on the same pairs
-             batch_size: int,  # pairs per step
-             generator: torch.Generator,  # draws the pairs of each step
-             beta: float = 0.1,
-             grad_clip: float = 1.0,  # 0 turns clipping off
-             ) -> Callable[[torch.optim.Optimizer], dict]:
-    "The step function of DPO: a batch of pairs, chosen and rejected in one forward pass, the loss against the fixed reference."
-    def step(optimizer: torch.optim.Optimizer) -> dict:
-        picks = torch.randint(len(examples), (batch_size,), generator=generator)
-        x, y = collate([examples[i][0] for i in picks.tolist()] + [examples[i][1] for i in picks.tolist()])
-        logps = sequence_logps(policy, x, y)  # (2B,)
-        reference = reference_logps[picks].to(logps.device)  # (B, 2)
-        loss, chosen, rejected = dpo_loss(logps[:batch_size], logps[batch_size:], reference[:, 0], reference[:, 1], beta)
-        loss.backward()
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return {"train_loss": loss.item(), "grad_norm": grad_norm.item(),
-                "train_margin": (chosen - rejected).mean().item(), "train_accuracy": (chosen > rejected).float().mean().item()}
-    return step
-
-
+# %% ../nbs/12_posttrain.ipynb #47f0df59
 @torch.no_grad()
 def response_kl(policy: nn.Module,
                 reference: nn.Module,
@@ -466,18 +386,3 @@ def response_kl(policy: nn.Module,
         for model, training in modes:
             model.train(training)
     return total / count
-
-
-def dpo_metrics(policy: nn.Module, reference: nn.Module, tokenizer: Tokenizer,
-                pairs: Sequence[tuple[str, str, str]],  # held-out (prompt, chosen, rejected)
-                beta: float = 0.1,
-                reference_logps: Tensor | None = None,  # (N, 2) pair_logps of the reference, if already computed
-                ) -> dict[str, float]:
-    "Held-out DPO loss (as val_loss), preference accuracy, reward margin, both rewards, and the KL to the reference."
-    reference_logps = pair_logps(reference, tokenizer, pairs) if reference_logps is None else reference_logps
-    policy_logps = pair_logps(policy, tokenizer, pairs)
-    loss, chosen, rejected = dpo_loss(policy_logps[:, 0], policy_logps[:, 1], reference_logps[:, 0], reference_logps[:, 1], beta)
-    return {"val_loss": loss.item(), "preference accuracy": (chosen > rejected).float().mean().item(),
-            "reward margin": (chosen - rejected).mean().item(), "chosen reward": chosen.mean().item(),
-            "rejected reward": rejected.mean().item(),
-            "KL to reference": response_kl(policy, reference, tokenizer, [(p, c) for p, c, _ in pairs])}
