@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .measure import evaluating
 from .posttrain import Exchange, clip_lines, collate, encode_chat, reply_task, response_kl, sequence_logps
 from .tokenizer import Tokenizer
 
@@ -62,16 +63,13 @@ def pair_logps(model: nn.Module,
                batch_size: int = 32,
                ) -> Tensor:  # (N, 2) float32: log p(chosen | prompt), log p(rejected | prompt)
     "Summed response log-probabilities of both answers of every pair (no gradient)."
-    was_training, rows = model.training, []
-    model.eval()
-    try:
+    rows = []
+    with evaluating(model):
         for i in range(0, len(pairs), batch_size):
             chunk = pairs[i:i + batch_size]
             x, y = collate([encode_chat(tokenizer, p, c) for p, c, _ in chunk] + [encode_chat(tokenizer, p, r) for p, _, r in chunk])
             logps = sequence_logps(model, x, y).cpu()  # (2 * len(chunk),)
             rows.append(torch.stack([logps[:len(chunk)], logps[len(chunk):]], dim=1))  # (len(chunk), 2)
-    finally:
-        model.train(was_training)
     return torch.cat(rows)
 
 

@@ -7,9 +7,11 @@ Docs: https://tinyllama-course.github.io/tinyllama/measure.html.md"""
 # %% ../nbs/06c_measure.ipynb #a4bfc7bd
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,7 +23,7 @@ from .model import check_positive_ints
 from .tokenizer import bits_per_char
 
 # %% auto #0
-__all__ = ['METRIC_COLUMNS', 'window_plan', 'token_nll', 'evaluate', 'MetricsLog', 'Meter', 'plot_metrics']
+__all__ = ['METRIC_COLUMNS', 'window_plan', 'evaluating', 'token_nll', 'evaluate', 'MetricsLog', 'Meter', 'plot_metrics']
 
 # %% ../nbs/06c_measure.ipynb #559ca11f
 def window_plan(n_ids: int,  # tokens in the split
@@ -59,6 +61,19 @@ def _score_windows(model, ids, length, windows, autocast_dtype):
     return losses, (logits.argmax(dim=-1) == y).cpu()
 
 # %% ../nbs/06c_measure.ipynb #bc7c78b2
+@contextlib.contextmanager
+def evaluating(*models: nn.Module) -> Iterator[None]:
+    "Eval mode (dropout off) for the `with` block; each model's own mode again after it."
+    modes = [(model, model.training) for model in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, training in modes:
+            model.train(training)
+
+
 @torch.no_grad()
 def token_nll(model: nn.Module,  # model(tokens (B, T)) -> logits (B, T, vocab_size)
               ids: Tensor,  # (N,) token ids of the split
@@ -79,9 +94,7 @@ def token_nll(model: nn.Module,  # model(tokens (B, T)) -> logits (B, T, vocab_s
     by_length: dict[int, list[tuple[int, int]]] = {}
     for start, length, n_scored in plan:
         by_length.setdefault(length, []).append((start, n_scored))
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for length, windows in by_length.items():
             for i in range(0, len(windows), batch_size):
                 chunk = windows[i:i + batch_size]
@@ -89,8 +102,6 @@ def token_nll(model: nn.Module,  # model(tokens (B, T)) -> logits (B, T, vocab_s
                 for row, (start, n_scored) in enumerate(chunk):
                     targets = slice(start + length - n_scored, start + length)  # target ids[t + 1] sits at index t
                     nll[targets], correct[targets] = losses[row, length - n_scored:], hits[row, length - n_scored:]
-    finally:
-        model.train(was_training)
     return nll, correct
 
 # %% ../nbs/06c_measure.ipynb #84f86480

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .checkpoint import save_checkpoint
 from .generate import generate_tokens
+from .measure import evaluating
 from .model import Llama, build_model
 from .recipe import TrainConfig, configure_optimizer, get_lr, train_step
 from .tokenizer import PAD_ID, Tokenizer, bits_per_char
@@ -237,15 +238,12 @@ def response_loss(model: nn.Module,
                   batch_size: int = 32,
                   ) -> dict[str, float]:  # nats_per_token, bits_per_char, tokens, chars
     "Response-only loss of `tasks`: nats per scored token, and bits per character of the responses (EOS scored too)."
-    was_training, total, n_tokens = model.training, 0.0, 0
-    model.eval()
-    try:
+    total, n_tokens = 0.0, 0
+    with evaluating(model):
         for i in range(0, len(tasks), batch_size):
             x, y = collate([encode_chat(tokenizer, p, r) for p, r in tasks[i:i + batch_size]])
             total -= sequence_logps(model, x, y).double().sum().item()
             n_tokens += int((y != IGNORE_INDEX).sum())
-    finally:
-        model.train(was_training)
     chars = sum(len(r) for _, r in tasks)
     return {"nats_per_token": total / n_tokens, "bits_per_char": bits_per_char(total, chars),
             "tokens": n_tokens, "chars": chars}
@@ -371,10 +369,8 @@ def response_kl(policy: nn.Module,
                 batch_size: int = 32,
                 ) -> float:  # nats per response token
     "Mean over the response positions of KL(policy || reference) between the next-token distributions, exact over the vocabulary."
-    total, count, modes = 0.0, 0, [(model, model.training) for model in (policy, reference)]
-    try:
-        for model, _ in modes:
-            model.eval()
+    total, count = 0.0, 0
+    with evaluating(policy, reference):
         for i in range(0, len(tasks), batch_size):
             x, y = collate([encode_chat(tokenizer, p, r) for p, r in tasks[i:i + batch_size]])
             log_p = F.log_softmax(policy(x.to(next(policy.parameters()).device)).float(), dim=-1).cpu()  # (B, T, vocab_size)
@@ -382,7 +378,4 @@ def response_kl(policy: nn.Module,
             kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)  # (B, T)
             scored = y != IGNORE_INDEX
             total, count = total + kl[scored].double().sum().item(), count + int(scored.sum())
-    finally:
-        for model, training in modes:
-            model.train(training)
     return total / count
