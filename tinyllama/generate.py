@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import statistics
 import sys
 import time
@@ -25,7 +26,7 @@ from .train import load_trained_model
 
 # %% auto #0
 __all__ = ['greedy', 'apply_temperature', 'top_k_filter', 'top_p_filter', 'check_sampling', 'sampling_probs', 'sample_next',
-           'encode_prompts', 'left_pad', 'check_tokenizer', 'generate_tokens', 'Generation', 'generate',
+           'encode_prompts', 'left_pad', 'check_tokenizer', 'kv_cached', 'generate_tokens', 'Generation', 'generate',
            'StreamDecoder', 'stream_generate', 'time_per_token', 'decode_tokens_per_sec', 'build_parser', 'read_prompt',
            'main']
 
@@ -149,6 +150,27 @@ def check_tokenizer(model: Llama, tokenizer: Tokenizer | CharTokenizer):
                          f"vocab_size={model.args.vocab_size}: they do not belong together; "
                          f"load both from the same checkpoint")
 
+# %% ../nbs/08_generate.ipynb #1e16934b
+@contextlib.contextmanager
+def kv_cached(model: Llama,
+              max_seq_len: int | None = None,  # positions the cache holds (default: the model's context)
+              batch_size: int = 1,  # rows the cache holds
+              use_cache: bool = True,  # False: no cache, every forward pass sees the whole sequence
+              ) -> Iterator[Llama]:
+    "Eval mode and a fresh KV cache for the `with` block; the model's own caches and mode again after it."
+    saved, was_training = [layer.attention.cache for layer in model.layers], model.training
+    model.eval()
+    try:
+        if use_cache:
+            model.enable_kv_cache(batch_size, max_seq_len)
+        else:
+            model.disable_kv_cache()
+        yield model
+    finally:
+        for layer, cache in zip(model.layers, saved):
+            layer.attention.cache = cache
+        model.train(was_training)
+
 # %% ../nbs/08_generate.ipynb #a4e3ba0a
 def generate_tokens(model: Llama,
                     prompt_ids: Sequence[Sequence[int]],  # one non-empty list of token ids per prompt
@@ -192,13 +214,7 @@ def _decode_loop(model: Llama, prompt: Tensor, prompt_mask: Tensor, n_new: int, 
     if key_mask.all():
         key_mask = None  # no padding: the plain causal path is faster
     done = torch.zeros(batch_size, dtype=torch.bool, device=device)  # (B,)
-    saved_caches, was_training = [layer.attention.cache for layer in model.layers], model.training
-    model.eval()
-    try:
-        if use_cache:
-            model.enable_kv_cache(batch_size, total_len)
-        else:
-            model.disable_kv_cache()
+    with kv_cached(model, total_len, batch_size, use_cache):
         mask = None if key_mask is None else key_mask[:, :prompt_len]
         logits = model(tokens[:, :prompt_len], key_mask=mask)[:, -1]  # (B, vocab_size): prefill
         for pos in range(prompt_len, total_len):
@@ -215,10 +231,6 @@ def _decode_loop(model: Llama, prompt: Tensor, prompt_mask: Tensor, n_new: int, 
                 logits = model(tokens[:, pos:pos + 1], start_pos=pos, key_mask=mask)[:, -1]  # (B, vocab_size)
             else:
                 logits = model(tokens[:, :pos + 1], key_mask=mask)[:, -1]  # (B, vocab_size)
-    finally:
-        for layer, cache in zip(model.layers, saved_caches):
-            layer.attention.cache = cache
-        model.train(was_training)
 
 # %% ../nbs/08_generate.ipynb #e277a194
 @dataclass
@@ -339,16 +351,12 @@ def time_per_token(model: Llama,
         raise ValueError(f"seq_len={seq_len} must be in [1, max_seq_len={model.args.max_seq_len}]")
     device = model.tok_embeddings.weight.device
     tokens = torch.randint(0, model.args.vocab_size, (1, seq_len), device=device)  # (1, seq_len)
-    saved_caches, was_training = [layer.attention.cache for layer in model.layers], model.training
-    model.eval()
-    try:
+    with kv_cached(model, seq_len, use_cache=use_cache):
         if use_cache:
-            model.enable_kv_cache(1, seq_len)
             if seq_len > 1:
                 model(tokens[:, :-1])  # prefill positions 0..seq_len-2
             step = lambda: greedy(model(tokens[:, -1:], start_pos=seq_len - 1)[:, -1])
         else:
-            model.disable_kv_cache()
             step = lambda: greedy(model(tokens)[:, -1])
         step()  # warm-up
         times = []
@@ -356,10 +364,6 @@ def time_per_token(model: Llama,
             start = time.perf_counter()
             step().item()  # .item() waits for the device
             times.append(time.perf_counter() - start)
-    finally:
-        for layer, cache in zip(model.layers, saved_caches):
-            layer.attention.cache = cache
-        model.train(was_training)
     return statistics.median(times)
 
 # %% ../nbs/08_generate.ipynb #6739a129

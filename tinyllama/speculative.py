@@ -7,25 +7,23 @@ Docs: https://tinyllama-course.github.io/tinyllama/speculative.html.md"""
 # %% ../nbs/08d_speculative.ipynb #ce8e4b96
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .generate import check_sampling, generate_tokens, sampling_probs
+from .generate import check_sampling, generate_tokens, kv_cached, sampling_probs
 from .model import Llama
 from .recipe import TrainConfig
 from .speed import median_times
 from .tokenizer import CharTokenizer, Tokenizer
 
 # %% auto #0
-__all__ = ['Verify', 'draft_config', 'check_same_tokenizer', 'kv_cached', 'verify_greedy', 'verify_draft', 'SpeculativeStats',
-           'propose', 'check_speculative', 'speculative_decode', 'continuation_probs', 'chi_square_test',
-           'measure_speculative']
+__all__ = ['Verify', 'draft_config', 'check_same_tokenizer', 'verify_greedy', 'verify_draft', 'SpeculativeStats', 'propose',
+           'check_speculative', 'speculative_decode', 'continuation_probs', 'chi_square_test', 'measure_speculative']
 
 # %% ../nbs/08d_speculative.ipynb #76f2faee
 def draft_config(target_cfg: TrainConfig,  # the target's training run (from its checkpoint)
@@ -53,22 +51,6 @@ def check_same_tokenizer(target_tokenizer: Tokenizer | CharTokenizer, draft_toke
         if target_tokenizer.decode([i]) != draft_tokenizer.decode([i]):
             raise ValueError(f"token id {i} is {target_tokenizer.decode([i])!r} for the target but "
                              f"{draft_tokenizer.decode([i])!r} for the draft: train the draft with draft_config(target_cfg)")
-
-# %% ../nbs/08d_speculative.ipynb #ca2624cb
-@contextlib.contextmanager
-def kv_cached(model: Llama,
-              max_seq_len: int,  # positions the cache holds
-              ) -> Iterator[Llama]:
-    "Eval mode and a fresh batch-1 KV cache for the `with` block; the model's own caches and mode again after it."
-    saved, was_training = [layer.attention.cache for layer in model.layers], model.training
-    model.eval()
-    model.enable_kv_cache(1, max_seq_len)
-    try:
-        yield model
-    finally:
-        for layer, cache in zip(model.layers, saved):
-            layer.attention.cache = cache
-        model.train(was_training)
 
 # %% ../nbs/08d_speculative.ipynb #b3b10af8
 def verify_greedy(draft_ids: Tensor,  # (k,) long: the draft's proposals, k >= 0
@@ -240,15 +222,8 @@ def continuation_probs(model: Llama,
                          f"vocab_size ** length = {vocab_size} ** {length}")
     continuations = torch.cartesian_prod(*[torch.arange(vocab_size)] * length).reshape(-1, length)  # (V**L, L)
     prompt = torch.tensor(list(prompt_ids)).expand(len(continuations), -1)  # (V**L, P)
-    saved, was_training = [layer.attention.cache for layer in model.layers], model.training
-    model.eval()
-    model.disable_kv_cache()
-    try:
+    with kv_cached(model, use_cache=False):
         logits = model(torch.cat([prompt, continuations], dim=1))[:, len(prompt_ids) - 1:-1]  # (V**L, L, V)
-    finally:
-        for layer, cache in zip(model.layers, saved):
-            layer.attention.cache = cache
-        model.train(was_training)
     probs = sampling_probs(logits, temperature, top_k, top_p)  # (V**L, L, V)
     return probs.gather(-1, continuations[..., None])[..., 0].prod(-1)  # (V**L,)
 

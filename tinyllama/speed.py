@@ -24,7 +24,7 @@ from torch.profiler import record_function
 
 from .attention import Attention, repeat_kv
 from .device import RECORDED_PEAKS, stable_peak, synchronize
-from .generate import check_sampling, left_pad, sample_next
+from .generate import check_sampling, kv_cached, left_pad, sample_next
 from .model import Llama
 from .rope import apply_rope
 
@@ -244,10 +244,7 @@ class CompiledDecoder:
         batch_size, prompt_len = prompt.shape
         key_mask = torch.ones(batch_size, model.args.max_seq_len, dtype=torch.bool, device=device)  # (B, S)
         key_mask[:, :prompt_len] = prompt_mask
-        saved, was_training = [layer.attention.cache for layer in model.layers], model.training
-        model.eval()
-        model.enable_kv_cache(batch_size)  # the whole context, so that the step's shapes never change
-        try:
+        with kv_cached(model, batch_size=batch_size):  # the whole context, so that the step's shapes never change
             logits = model(prompt, key_mask=None if prompt_mask.all() else prompt_mask)[:, -1]  # (B, vocab_size)
             done = torch.zeros(batch_size, dtype=torch.bool, device=device)
             queued, position = [sample_next(logits, temperature, top_k, top_p, generator)], prompt_len
@@ -267,7 +264,3 @@ class CompiledDecoder:
                         queued = [sample_next(self.step(model, next_ids[:, None], at, key_mask), temperature, top_k,
                                               top_p, generator)]
                     position += len(queued)
-        finally:
-            for layer, cache in zip(model.layers, saved):
-                layer.attention.cache = cache
-            model.train(was_training)
