@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from tinyllama.checkpoint import save_checkpoint, verify_checkpoint
 from tinyllama.data import load_corpus, split_text
 from tinyllama.export import (EXPORT_RECORD, LlamaCppModel, export, export_gguf, export_hf, hf_tokenizer, import_hf,
-                              main, run_hf_check, write_gguf)
+                              import_llama_cpp, llama_cpp_required, main, run_hf_check, write_gguf)
 from tinyllama.generate import generate, generate_tokens
 from tinyllama.model import build_model
 from tinyllama.tokenizer import SPACE_MARKER
@@ -49,7 +49,18 @@ def gguf_files(checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def llama_f32(gguf_files):
+def llama_cpp():
+    "llama-cpp-python (the llamacpp extra): its checks skip without it, and fail where TINYLLAMA_REQUIRE_LLAMACPP=1 (CI)."
+    try:
+        return import_llama_cpp()
+    except ImportError as e:
+        if llama_cpp_required():
+            raise
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def llama_f32(llama_cpp, gguf_files):
     return LlamaCppModel(gguf_files["f32"])
 
 
@@ -66,7 +77,8 @@ def test_greedy_text_is_not_degenerate(trained):
         assert len(set(new)) >= 4, tokenizer.decode(new)
         with torch.no_grad():
             top2 = model(torch.tensor([ids + new]))[0, len(ids) - 1:-1].topk(2).values  # (N_NEW, 2)
-        assert (top2[:, 0] - top2[:, 1]).min() > 1e-3  # 10x the 1e-4 logit tolerance
+        # Logits within 1e-4 of ours can swap two choices only if these differ by less than twice that.
+        assert (top2[:, 0] - top2[:, 1]).min() > 2e-4
 
 
 # ---------------------------------------------------------------- Hugging Face
@@ -176,7 +188,7 @@ def test_llama_cpp_f32_greedy_and_logits(trained, llama_f32):
 
 
 @pytest.mark.parametrize("gguf_type,relative", [("f16", 2e-3), ("q8_0", 5e-2)])
-def test_llama_cpp_runs_the_smaller_types(trained, gguf_files, gguf_type, relative):
+def test_llama_cpp_runs_the_smaller_types(llama_cpp, trained, gguf_files, gguf_type, relative):
     """Logits move with the rounding, in proportion to their spread: F16 rounds each weight by up to 2^-11 of itself;
     Q8_0 rounds weights, and in llama.cpp's kernels the activations too, by up to 1/254 of each 32-block's largest."""
     model, tokenizer = trained
@@ -188,10 +200,9 @@ def test_llama_cpp_runs_the_smaller_types(trained, gguf_files, gguf_type, relati
     assert 0 < difference < relative * (ours.max() - ours.min()).item()
 
 
-def test_our_q8_0_is_llama_cpps_own(gguf_files, tmp_path):
+def test_our_q8_0_is_llama_cpps_own(llama_cpp, gguf_files, tmp_path):
     "write_gguf's Q8_0 tensors are byte for byte what llama.cpp's quantizer makes of the F32 file."
     import ctypes
-    import llama_cpp
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, 1
     theirs = tmp_path / "llama-cpp-q8_0.gguf"

@@ -21,7 +21,7 @@ from .recipe import TRAIN_PRESETS, TrainConfig
 from .train import TrainResult, load_checkpoint, resolve_checkpoint, train
 
 # %% auto #0
-__all__ = ['build_parser', 'config_from_args', 'summarize', 'report', 'main']
+__all__ = ['MAIN_JOB_MINUTES', 'build_parser', 'config_from_args', 'summarize', 'report', 'main']
 
 # %% ../nbs/08a_cli.ipynb #7c1d2b5e
 def _field_parser(tp) -> Callable[[str], typing.Any]:
@@ -49,13 +49,18 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, title: str):
                                metavar=f.name.upper(), help=f"{cls.__name__}.{f.name}")
 
 
+MAIN_JOB_MINUTES = 10.0  # the cpu preset's time budget on the command line: about ten minutes of steps on any CPU
+
+
 def build_parser() -> argparse.ArgumentParser:
     "The argument parser of `tinyllama-train`: --preset, --resume, and one option per TrainConfig / ModelArgs field."
     parser = argparse.ArgumentParser(
         prog="tinyllama-train", description="Train a LLaMA-style model on Tiny Shakespeare.",
         epilog="Every other option overrides one field of the preset. Multi-process: "
                "torchrun --standalone --nproc_per_node 2 --no-python tinyllama-train ...")
-    parser.add_argument("--preset", default="cpu", choices=sorted(TRAIN_PRESETS), help="starting configuration (default: cpu)")
+    parser.add_argument("--preset", default="cpu", choices=sorted(TRAIN_PRESETS),
+                        help=f"starting configuration (default: cpu, which trains for --time-budget {MAIN_JOB_MINUTES:g} "
+                             f"minutes unless --max-steps or --time-budget is given)")
     parser.add_argument("--resume", metavar="RUN", help="continue a run from RUN/last (or a checkpoint folder)")
     parser.add_argument("--overwrite", action="store_true", help="start afresh in an --out-dir that already holds a run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -82,6 +87,8 @@ def config_from_args(argv: list[str] | None = None,  # command-line arguments; N
         raise ValueError(f"arch={train_over.get('arch', cfg.arch)!r}: the command line trains 'llama' only; "
                          f"train other architectures from Python with train(TrainConfig(arch=..., model=...))")
     model_args = ModelArgs.from_dict({**cfg.model.to_dict(), **model_over})
+    if resume is None and parsed.preset == "cpu" and not {"max_steps", "time_budget"} & given.keys():
+        train_over["time_budget"] = MAIN_JOB_MINUTES  # the main job: a wait that fits any CPU (chapter 07)
     cfg = TrainConfig.from_dict({**cfg.to_dict(), **train_over, "model": model_args.to_dict()})
     if resume is None and not parsed.overwrite and (Path(cfg.out_dir) / "last").exists():
         raise ValueError(f"out_dir={cfg.out_dir} already holds a run: continue it with --resume {cfg.out_dir}, "
@@ -95,7 +102,7 @@ def summarize(result: TrainResult) -> str:
     if result.stopped:
         return "\n".join(lines + [f"stopped at step {result.step}; resume with: tinyllama-train --resume {result.out_dir}"])
     lines.append(f"{result.n_params:,} parameters, {result.step} steps, {result.tokens_seen:,} tokens in "
-                 f"{result.elapsed_s:.0f} s ({result.tokens_per_sec:,.0f} tokens/s, MFU {100 * result.mfu:.1f}% "
+                 f"{result.elapsed_s:.0f} s = {result.elapsed_s / 60:.1f} min ({result.tokens_per_sec:,.0f} tokens/s, MFU {100 * result.mfu:.1f}% "
                  f"of {result.peak_flops_source})" + (f"; compiling took {result.compile_s:.0f} s" if result.compile_s else ""))
     if result.val is not None:
         v = result.val

@@ -20,9 +20,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 # %% auto #0
-__all__ = ['GPU_PEAK_FLOPS', 'RECORDED_PEAKS', 'pick_device', 'synchronize', 'peak_flops', 'cpu_model_name', 'measure_peak',
-           'stable_peak', 'resolve_dtype', 'autocast', 'CompiledModel', 'DistInfo', 'init_distributed', 'setup_device',
-           'gather', 'any_rank']
+__all__ = ['GPU_PEAK_FLOPS', 'RECORDED_PEAKS', 'pick_device', 'synchronize', 'affordable_size', 'peak_flops', 'cpu_model_name',
+           'measure_peak', 'stable_peak', 'resolve_dtype', 'autocast', 'CompiledModel', 'DistInfo', 'init_distributed',
+           'setup_device', 'gather', 'any_rank']
 
 # %% ../nbs/06b_devices.ipynb #3cc90a7c
 def pick_device(device: str = "auto",  # 'auto', or a torch device string: 'cpu', 'cuda', 'cuda:1', 'mps'
@@ -63,6 +63,25 @@ def synchronize(device: torch.device):
         torch.mps.synchronize()
 
 # %% ../nbs/06b_devices.ipynb #82ea0f51
+def affordable_size(dtype: torch.dtype,  # the matmul's dtype
+                    largest: int,  # the side wanted
+                    device: torch.device,
+                    budget_s: float = 0.2,  # most seconds one multiply of the returned side may take
+                    ) -> int:
+    "The largest side, doubling from 256 up to `largest`, whose square multiply fits in `budget_s`."
+    size = min(256, largest)
+    while size < largest:  # a CPU without bfloat16 units emulates them about 100x slower than float32
+        a = torch.ones(size, size, dtype=dtype, device=device)
+        synchronize(device)
+        t0 = time.perf_counter()
+        a @ a
+        synchronize(device)
+        if 8 * (time.perf_counter() - t0) > budget_s:  # twice the side is eight times the work
+            break
+        size *= 2
+    return size
+
+
 @functools.cache  # measured once per process, device, dtype and thread count
 def peak_flops(device: torch.device,  # where training runs
                dtype: str = "float32",  # 'float32' or 'bfloat16', the matmul precision of training
@@ -77,6 +96,7 @@ def peak_flops(device: torch.device,  # where training runs
             if key in name:
                 return peaks[dtype], f"datasheet {key} {dtype}"
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    size = affordable_size(torch_dtype, size, device)
     generator = torch.Generator().manual_seed(0)  # leaves the global random state alone
     a, b = torch.randn(2, size, size, generator=generator).to(device=device, dtype=torch_dtype)
     best = float("inf")
@@ -118,6 +138,7 @@ def measure_peak(dtype: str = "float32",  # 'float32' or 'bfloat16'
                  ) -> float:  # FLOP/s
     "A CPU's matrix-multiply peak, measured with care: the median over rounds of the fastest of several multiplies."
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    size = affordable_size(torch_dtype, size, torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)  # leaves the global random state alone
     a, b = torch.randn(2, size, size, generator=generator).to(torch_dtype)
     a @ b  # warm-up
@@ -142,7 +163,12 @@ def stable_peak(device: torch.device,  # where training runs
     key = (cpu_model_name(), threads, dtype)
     if key in RECORDED_PEAKS:
         return RECORDED_PEAKS[key][0], f"recorded: {RECORDED_PEAKS[key][1]}"
-    return measure_peak(dtype), f"measured now ({key} has no recorded peak; add one to RECORDED_PEAKS)"
+    return _measured_once(dtype, threads), f"measured now ({key} has no recorded peak; add one to RECORDED_PEAKS)"
+
+
+@functools.cache  # a constant for the rest of the process
+def _measured_once(dtype: str, threads: int) -> float:
+    return measure_peak(dtype)
 
 # %% ../nbs/06b_devices.ipynb #1bc5864c
 def resolve_dtype(dtype: str,  # 'auto', 'float32' or 'bfloat16'

@@ -33,8 +33,8 @@ from .train import load_trained_model, resolve_checkpoint
 # %% auto #0
 __all__ = ['EXPORT_FORMATS', 'GGUF_TYPES', 'EXPORT_RECORD', 'HF_CHECK_SCRIPT', 'check_exportable', 'sentencepiece_pieces',
            'hf_tokenizer', 'check_output_folder', 'atomic_folder', 'hf_tokenizer_config', 'write_hf_files', 'export_hf',
-           'run_hf_check', 'import_hf', 'gguf_tensors', 'write_gguf', 'export_gguf', 'LlamaCppModel', 'export',
-           'build_parser', 'how_to_load', 'main']
+           'run_hf_check', 'import_hf', 'gguf_tensors', 'write_gguf', 'export_gguf', 'import_llama_cpp',
+           'llama_cpp_required', 'LlamaCppModel', 'export', 'build_parser', 'how_to_load', 'main']
 
 # %% ../nbs/08b_export.ipynb #08214612
 EXPORT_FORMATS = ("hf", "gguf")  # a Hugging Face folder; a GGUF file for llama.cpp
@@ -315,6 +315,21 @@ def export_gguf(checkpoint: str | Path,  # a checkpoint folder (runs/cpu/best) o
     return Path(out) / filename
 
 # %% ../nbs/08b_export.ipynb #aa6de360
+def import_llama_cpp():
+    "llama-cpp-python's module, or an ImportError whose message names the extra that installs it."
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ImportError("running GGUF files needs llama-cpp-python, which compiles llama.cpp from source "
+                          "(a C++ compiler and CMake, 5 to 10 minutes): pip install -e \".[llamacpp]\"") from None
+    return llama_cpp
+
+
+def llama_cpp_required() -> bool:
+    "True where llama.cpp's checks must run instead of skipping: TINYLLAMA_REQUIRE_LLAMACPP=1, which CI sets."
+    return os.environ.get("TINYLLAMA_REQUIRE_LLAMACPP") == "1"
+
+
 @contextlib.contextmanager
 def _no_weight_repacking():
     "Make llama-cpp-python load models with use_extra_bufts=False: no AMX/repacked weights (they crash on AMX CPUs)."
@@ -339,11 +354,8 @@ class LlamaCppModel(nn.Module):
                  f32_cache: bool = True,  # keys and values in float32 (llama.cpp's default is float16)
                  ):
         super().__init__()
-        try:
-            from llama_cpp import GGML_TYPE_F32, Llama as LlamaCpp
-        except ImportError:
-            raise ImportError("running GGUF files needs llama-cpp-python: pip install llama-cpp-python, "
-                              "or install tinyllama with its dev extra") from None
+        llama_cpp = import_llama_cpp()
+        GGML_TYPE_F32, LlamaCpp = llama_cpp.GGML_TYPE_F32, llama_cpp.Llama
         if not Path(path).is_file():
             raise FileNotFoundError(f"no GGUF file at {path}")
         cache = dict(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32) if f32_cache else {}

@@ -43,6 +43,7 @@ class TrainConfig(ConfigMixin):
     seq_len: int = 256  # tokens per sequence, at most model.max_seq_len
     grad_accum_steps: int = 1  # micro-batches per optimiser step, in each process
     max_steps: int = 1000  # optimiser steps; the schedule ends here
+    time_budget: float | None = None  # minutes of training: max_steps is then fixed from the speed of the first steps
     warmup_steps: int = 100  # steps of linear warm-up
     lr: float = 1e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # the schedule ends at min_lr_ratio * lr
@@ -96,6 +97,10 @@ class TrainConfig(ConfigMixin):
         if self.schedule not in ("cosine", "wsd") or not 0 < self.decay_fraction <= 1:
             raise ValueError(f"schedule={self.schedule!r} must be 'cosine' or 'wsd' and "
                              f"decay_fraction={self.decay_fraction} in (0, 1]")
+        if self.time_budget is not None and not (self.time_budget > 0 and self.schedule == "wsd"):
+            raise ValueError(f"time_budget={self.time_budget} must be None or a positive number of minutes, with "
+                             f"schedule='wsd' (not {self.schedule!r}): its learning rate depends on max_steps only once "
+                             f"it decays, so max_steps can be fixed after the first steps")
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"optimizer={self.optimizer!r} must be 'adamw' or 'muon'")
         if self.dtype not in ("auto", "float32", "bfloat16"):

@@ -37,7 +37,7 @@ from .model import ARCHITECTURES, Architecture, Llama, register_architecture  # 
 from .recipe import SPLIT, TRAIN_PRESETS, Optimizers, TrainingData, build_tokenizer  # noqa: F401 (re-exported)
 
 # %% auto #0
-__all__ = ['Run', 'TrainResult', 'train', 'load_checkpoint', 'load_trained_model', 'find_checkpoint']
+__all__ = ['BUDGET_PROBE_STEPS', 'Run', 'TrainResult', 'train', 'load_checkpoint', 'load_trained_model', 'find_checkpoint']
 
 # %% ../nbs/07_train.ipynb #44f68ecc
 @dataclass
@@ -227,6 +227,20 @@ class _Trainer:
     def elapsed(self) -> float:
         return time.perf_counter() - self.t_start
 
+    def fit_time_budget(self):
+        "Fix max_steps so that the steps fill cfg.time_budget minutes at the speed measured so far (rank 0's), and record it."
+        cfg, info, done = self.cfg, self.info, self.run.step
+        seconds_per_step = cfg.tokens_per_step * info.world_size / self.meter.tokens_per_sec(whole_run=True)
+        spent = self.compile_s + self.meter.total_time  # in the steps so far (evaluation is not in the budget)
+        steps = done + max(1, int((60 * cfg.time_budget - spent) / seconds_per_step))
+        cfg.max_steps = gather(steps if info.is_main else None, info)[0]  # the scheduler reads cfg.max_steps too
+        self.bar.total = cfg.max_steps
+        if info.is_main:
+            (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))  # a resume keeps the count
+            self.bar.write(f"time budget {cfg.time_budget:g} min: {seconds_per_step:.2f} s a step over the first {done} "
+                           f"steps, so max_steps = {cfg.max_steps:,} ({cfg.max_steps * cfg.tokens_per_step * info.world_size:,} "
+                           f"tokens); the learning rate decays over the last {cfg.decay_fraction:.0%}")
+
 # %% ../nbs/07_train.ipynb #e1d7ebd2
 def _result(trainer: _Trainer, stopped: bool, t_start: float) -> TrainResult:
     "The TrainResult of a finished (or stopped) run, with the final evaluation on the whole validation split."
@@ -241,6 +255,9 @@ def _result(trainer: _Trainer, stopped: bool, t_start: float) -> TrainResult:
                        peak_flops_source=trainer.peak_source, compile_s=trainer.compile_s)
 
 # %% ../nbs/07_train.ipynb #23c6cbdd
+BUDGET_PROBE_STEPS = 10  # steps timed before a time budget fixes max_steps
+
+
 def train(cfg: TrainConfig,  # what to train and how
           resume: str | Path | None = None,  # checkpoint (or run folder) to continue from
           progress: bool = True,  # show a tqdm progress bar
@@ -273,6 +290,8 @@ def train(cfg: TrainConfig,  # what to train and how
                 run.scheduler.step()
                 run.step, run.tokens_seen = run.step + 1, run.tokens_seen + cfg.tokens_per_step * info.world_size
                 trainer.record(loss.item(), grad_norm.item(), time.perf_counter() - t0, lr)
+                if cfg.time_budget and trainer.start_step == 0 and run.step == BUDGET_PROBE_STEPS:
+                    trainer.fit_time_budget()
                 if run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps:
                     trainer.evaluate_and_save(lr)
                 trainer.flush()
