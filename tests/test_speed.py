@@ -121,3 +121,23 @@ def test_greedy_chunks_give_generate_tokens_tokens(tiny_model, kwargs):
 def test_greedy_chunk_must_be_a_positive_integer(tiny_model):
     with pytest.raises(ValueError, match="greedy_chunk"):
         CompiledDecoder(tiny_model, greedy_chunk=0)
+
+
+def test_the_command_decodes_compiled_with_the_eager_commands_text(tmp_path, capsys):
+    "tinyllama-generate compiles its decoder (greedy: eight steps a call) and prints what chapter 08's eager command prints."
+    from tinyllama.generate import main as eager_main
+    from tinyllama.train import TRAIN_PRESETS, train
+    tiny = TRAIN_PRESETS["tiny"]
+    cfg = dataclasses.replace(tiny, out_dir=str(tmp_path / "run"), max_chars=100_000, max_steps=10, eval_interval=10,
+                              sample_tokens=0, model=dataclasses.replace(tiny.model, max_seq_len=64))
+    train(cfg, progress=False)
+    capsys.readouterr()
+    argv = ["--checkpoint", cfg.out_dir, "--prompt", "ROMEO:\n", "--max-new-tokens", "40", "--temperature", "0"]
+    eager_main(argv)
+    eager = capsys.readouterr().out
+    speed.main(argv)
+    assert capsys.readouterr().out == eager and len(eager) > len("ROMEO:\n") + 20
+    speed.main(argv + ["--no-compile", "--temperature", "0.9", "--seed", "3"])
+    sampled = capsys.readouterr().out
+    eager_main(argv + ["--temperature", "0.9", "--seed", "3"])
+    assert capsys.readouterr().out == sampled

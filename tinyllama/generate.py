@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
+import functools
 import statistics
 import sys
 import time
@@ -316,14 +317,16 @@ def stream_generate(model: Llama,
                     top_k: int | None = None,
                     top_p: float | None = None,
                     seed: int | None = None,  # makes sampling reproducible
+                    decoder=None,  # an object with generate_tokens(prompt_ids, ...) for this model; None: generate_tokens
                     ) -> Iterator[str]:  # pieces of new text, never splitting a character
     "Like `generate` for one prompt, but yield the new text as it is made."
     check_tokenizer(model, tokenizer)
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
     generator = None if seed is None else torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(seed)
-    steps = generate_tokens(model, encode_prompts(tokenizer, [prompt]), max_new_tokens, temperature, top_k, top_p,
-                            generator, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    make_tokens = functools.partial(generate_tokens, model) if decoder is None else decoder.generate_tokens
+    steps = make_tokens(encode_prompts(tokenizer, [prompt]), max_new_tokens, temperature, top_k, top_p, generator,
+                        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     return _stream_text(steps, StreamDecoder(tokenizer), tokenizer.eos_id)
 
 
@@ -418,15 +421,18 @@ def read_prompt(prompt: str,  # the --prompt value; '-' means standard input
 
 # %% ../nbs/08_generate.ipynb #843c46bd
 def main(argv: Sequence[str] | None = None,  # command-line arguments; None means sys.argv[1:]
+         parser: argparse.ArgumentParser | None = None,  # build_parser() or one that extends it
+         decoder_for: Callable | None = None,  # decoder_for(model, args) -> a decoder for stream_generate, or None
          ) -> None:
     "Command line `tinyllama-generate`: stream a continuation of `--prompt` from a checkpoint to stdout."
-    parser = build_parser()
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     try:
         prompt = read_prompt(args.prompt)
         model, tokenizer, _ = load_trained_model(args.checkpoint, device=args.device)
+        decoder = decoder_for(model, args) if decoder_for else None
         pieces = stream_generate(model, tokenizer, prompt, args.max_new_tokens, args.temperature,
-                                 args.top_k, args.top_p, args.seed)
+                                 args.top_k, args.top_p, args.seed, decoder)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         parser.error(str(e))
     sys.stdout.write(prompt)

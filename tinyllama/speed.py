@@ -6,13 +6,15 @@ Docs: https://tinyllama-course.github.io/tinyllama/speed.html.md"""
 
 # %% auto #0
 __all__ = ['MATMUL_OPS', 'CROSS_ENTROPY_OPS', 'CAST_OPS', 'median_times', 'profiler_labels', 'time_by_category', 'top_operators',
-           'decode_attention', 'decode_step', 'greedy_steps', 'CompiledDecoder']
+           'decode_attention', 'decode_step', 'greedy_steps', 'CompiledDecoder', 'decoder_for_command',
+           'command_parser', 'main']
 
 # %% ../nbs/08c_speed.ipynb #1c56c070
 import contextlib
 import functools
 import statistics
 import time
+from argparse import Namespace
 from collections.abc import Callable, Iterator, Sequence
 
 import pandas as pd
@@ -24,7 +26,8 @@ from torch.profiler import record_function
 
 from .attention import Attention, repeat_kv
 from .device import RECORDED_PEAKS, stable_peak, synchronize
-from .generate import check_sampling, kv_cached, left_pad, sample_next
+from .generate import build_parser as generate_parser, check_sampling, kv_cached, left_pad, sample_next
+from .generate import main as generate_main
 from .model import Llama
 from .rope import apply_rope
 
@@ -264,3 +267,24 @@ class CompiledDecoder:
                         queued = [sample_next(self.step(model, next_ids[:, None], at, key_mask), temperature, top_k,
                                               top_p, generator)]
                     position += len(queued)
+
+# %% ../nbs/08c_speed.ipynb #1ff8610a
+def decoder_for_command(model: Llama, args: Namespace) -> CompiledDecoder | None:
+    "tinyllama-generate's decoder: compiled for a Llama on the CPU unless --no-compile; None is chapter 08's eager loop."
+    if args.no_compile or type(model) is not Llama or model.tok_embeddings.weight.device.type != "cpu":
+        return None
+    return CompiledDecoder(model, greedy_chunk=8 if args.temperature == 0 else 1)
+
+
+def command_parser():
+    "Chapter 08's parser of `tinyllama-generate`, with --no-compile."
+    parser = generate_parser()
+    parser.add_argument("--no-compile", action="store_true", help="decode with chapter 08's eager loop, compiling nothing")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None,  # command-line arguments; None means sys.argv[1:]
+         ) -> None:
+    "Command line `tinyllama-generate`: chapter 08's, decoding with a `CompiledDecoder` unless --no-compile."
+    torch.set_num_threads(1)  # one token of a small model: a second thread costs more in hand-offs than it computes
+    generate_main(argv, command_parser(), decoder_for_command)
