@@ -77,3 +77,35 @@ def test_functions_fit_on_a_screen():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1
                 assert length <= 60, f"{path.name}: {node.name} is {length} lines"
+
+
+NOISE = re.compile(r"Traceback \(most recent call last\)|Warning:|warnings\.warn|\d+%\|[^\n]*\|\s*\d+/\d+|USDT|STAGE:"
+                   r"|Exception ignored|(?<![\w.])/(tmp|home|root|work)/")
+PROJECT_TALK = re.compile(r"\b(the issue'?s?|issues? #?\d+|targets? of (the )?issue|this session|tickets?)\b", re.I)
+
+
+def outputs_text(output: dict) -> str:
+    data = output.get("data", {})
+    return "".join("".join(part) for part in (output.get("text", ""), data.get("text/plain", ""),
+                                              data.get("text/html", ""), output.get("traceback", [])))
+
+
+def test_committed_outputs_are_what_a_reader_should_see():
+    "No error outputs, tracebacks, warnings, progress-bar fragments, profiler lines or local paths in any notebook."
+    problems = []
+    for nb in sorted((ROOT / "nbs").glob("*.ipynb")):
+        for i, cell in enumerate(json.loads(nb.read_text())["cells"]):
+            for output in cell.get("outputs", []):
+                if output["output_type"] == "error" or (m := NOISE.search(outputs_text(output))):
+                    problems.append(f"{nb.name} cell {i}: {output['output_type'] if output['output_type'] == 'error' else m.group()}")
+    assert not problems, problems
+
+
+def test_the_course_speaks_of_the_course_only():
+    "The text a reader sees never speaks of how the project is managed (issues, targets, sessions)."
+    texts = {nb.name: ["".join(c["source"]) for c in json.loads(nb.read_text())["cells"]]
+             for nb in sorted((ROOT / "nbs").glob("*.ipynb"))}
+    texts["README.md"] = [(ROOT / "README.md").read_text()]
+    found = [f"{name}: {m.group()!r}" for name, sources in texts.items() for text in sources
+             for m in PROJECT_TALK.finditer(text)]
+    assert not found, found

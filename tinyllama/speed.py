@@ -12,6 +12,7 @@ __all__ = ['MATMUL_OPS', 'CROSS_ENTROPY_OPS', 'CAST_OPS', 'median_times', 'profi
 # %% ../nbs/08c_speed.ipynb #1c56c070
 import contextlib
 import functools
+import os
 import statistics
 import time
 from argparse import Namespace
@@ -30,6 +31,8 @@ from .generate import build_parser as generate_parser, check_sampling, kv_cached
 from .generate import main as generate_main
 from .model import Llama
 from .rope import apply_rope
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # no USDT and STAGE lines from the profiler on stderr
 
 # %% ../nbs/08c_speed.ipynb #274d080f
 def median_times(runners: dict[str, Callable[[], object]],  # name -> a function to time (no arguments)
