@@ -7,13 +7,23 @@ Docs: https://tinyllama-course.github.io/tinyllama/checkpoints.html.md"""
 # %% ../nbs/06a_checkpoints.ipynb #cc479e7d
 from __future__ import annotations
 
+import datetime
+import errno
 import hashlib
 import json
 import os
 import shutil
 import signal
+import socket
+import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows has no flock: RunLock does nothing there
+    fcntl = None
 
 import torch
 import torch.nn as nn
@@ -25,8 +35,9 @@ from .model import ARCHITECTURES
 from .tokenizer import CharTokenizer, Tokenizer
 
 # %% auto #0
-__all__ = ['FORMAT_VERSION', 'MANIFEST', 'write_manifest', 'save_checkpoint', 'resolve_checkpoint', 'read_json',
-           'verify_checkpoint', 'read_checkpoint', 'check_compatible', 'load_weights', 'load_tokenizer', 'GracefulStop']
+__all__ = ['FORMAT_VERSION', 'MANIFEST', 'write_manifest', 'DiskFull', 'save_checkpoint', 'resolve_checkpoint', 'read_json',
+           'verify_checkpoint', 'read_checkpoint', 'check_compatible', 'load_weights', 'load_tokenizer', 'GracefulStop',
+           'RunLocked', 'RunLock']
 
 # %% ../nbs/06a_checkpoints.ipynb #681f94ab
 FORMAT_VERSION = 2  # 1: the same files without manifest.json (before the manifest existed); 2: with it
@@ -46,6 +57,47 @@ def write_manifest(folder: Path):
             os.fsync(f.fileno())
 
 # %% ../nbs/06a_checkpoints.ipynb #86458d4c
+class DiskFull(OSError, ValueError):
+    "No room for a checkpoint: an OSError, and (like `io.UnsupportedOperation`) a ValueError, which the command line prints as a message."
+
+
+def _no_space(error: BaseException | None) -> bool:
+    "True if `error`, or an error it was raised from, says that the disk (or the user's quota) is full."
+    codes = (errno.ENOSPC, errno.EDQUOT)
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in codes:
+            return True
+        if any(f"(os error {code})" in str(error) for code in codes):  # safetensors' (Rust) I/O errors
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _disk_full(path: Path) -> DiskFull:
+    "The error for a checkpoint `path` that did not fit: where, how much room there is, and what survived."
+    free = shutil.disk_usage(path.parent).free
+    if path.is_dir():
+        size = sum(p.stat().st_size for p in path.iterdir())
+        kept = f"the previous checkpoint {path} is untouched and loads (it takes {size:,} bytes; {free:,} are free)"
+    else:
+        kept = f"there is no earlier checkpoint at {path} ({free:,} bytes are free)"
+    return DiskFull(f"the disk is full: no space left on the device that holds {path.parent} to write {path.name}/; "
+                    f"{kept}. Free some space, then resume (tinyllama-train --resume {path.parent})")
+
+
+def _write_files(folder: Path, model: nn.Module, config, state: dict, tokenizer):
+    "A checkpoint's files and their manifest, written into the new folder `folder`."
+    folder.mkdir(parents=True)
+    save_safetensors_model(model, str(folder / "model.safetensors"))
+    config = config.to_dict() if hasattr(config, "to_dict") else config
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    with open(folder / "state.pt", "wb", buffering=0) as f:  # through Python: a full disk raises OSError(ENOSPC)
+        torch.save(state, f)
+    if tokenizer is not None:
+        tokenizer.save(folder / "tokenizer.model")
+    write_manifest(folder)
+
+
 def save_checkpoint(path: str | Path,  # the checkpoint folder, e.g. runs/cpu/last
                     model: nn.Module,  # weights to save (unwrapped from DDP / torch.compile)
                     config,  # the run's configuration: a dict, or anything with to_dict() (TrainConfig)
@@ -57,15 +109,14 @@ def save_checkpoint(path: str | Path,  # the checkpoint folder, e.g. runs/cpu/la
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     if old.exists() and not path.exists():  # an earlier save died between its two renames: finish it
         os.replace(old, path)
-    shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier failed save
-    tmp.mkdir(parents=True)
-    save_safetensors_model(model, str(tmp / "model.safetensors"))
-    config = config.to_dict() if hasattr(config, "to_dict") else config
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    torch.save(state, tmp / "state.pt")
-    if tokenizer is not None:
-        tokenizer.save(tmp / "tokenizer.model")
-    write_manifest(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier save that was killed
+    try:
+        _write_files(tmp, model, config, state, tokenizer)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial copy must not keep the space it took
+        if _no_space(e):
+            raise _disk_full(path) from None
+        raise
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         os.replace(path, old)
@@ -202,4 +253,71 @@ class GracefulStop:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        return False
+
+# %% ../nbs/06a_checkpoints.ipynb #213b9d89
+class RunLocked(ValueError):
+    "The folder is being written by another run that is still alive."
+
+
+class RunLock:
+    "Context manager: hold an exclusive `flock` on `folder/run.lock` while a run writes `folder`; it names its holder."
+    FILE = "run.lock"
+
+    def __init__(self, folder: str | Path,  # the run folder
+                 hold: bool = True,  # False: do nothing (the ranks other than 0 of a multi-process run)
+                 write: Callable[[str], None] = print,  # says that a lock was left behind by a dead process
+                 ):
+        self.folder, self.path, self.hold, self.write, self.fd = Path(folder), Path(folder) / self.FILE, hold, write, None
+
+    def _holder(self, fd: int) -> dict:
+        "What the lock file says about its holder: pid, host, since when, command (empty if nothing yet)."
+        try:
+            who = json.loads(os.pread(fd, 1 << 16, 0).decode())
+        except ValueError:  # empty or half-written: the holder has not written its name yet
+            return {}
+        return who if isinstance(who, dict) and {"pid", "host"} <= who.keys() else {}
+
+    def _lock(self) -> int:
+        "A descriptor of `run.lock`, locked by this process; `RunLocked` if a live process holds it."
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                who = self._holder(fd)
+                os.close(fd)
+                holder = f"pid {who['pid']} on host {who['host']}" if who else "a process that has not written its name yet"
+                raise RunLocked(f"{self.folder} is in use by another run: {holder} holds {self.path} (since "
+                                f"{who.get('since', '?')}; command: {who.get('command', '?')}). Wait for that run to end, "
+                                f"stop it (Ctrl-C, or kill {who.get('pid', 'PID')}: it saves and exits), or write into "
+                                f"another folder") from None
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # its holder deleted the file as it ended: lock the new one
+
+    def __enter__(self) -> RunLock:
+        if not self.hold or fcntl is None:
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.fd = self._lock()
+        left = self._holder(self.fd)
+        if left:  # a run that ends normally deletes the file: this one's holder died
+            self.write(f"{self.path} was left by pid {left['pid']} on host {left['host']} (since {left.get('since', '?')}), "
+                       f"which ended without releasing it; the kernel released its lock when it died, so this run "
+                       f"takes the folder over")
+        who = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+               "since": datetime.datetime.now().isoformat(timespec="seconds")}
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(who).encode(), 0)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.unlink(self.path)  # while still locked (see above)
+            os.close(self.fd)  # which releases the lock
+            self.fd = None
         return False

@@ -7,6 +7,7 @@ Docs: https://tinyllama-course.github.io/tinyllama/devices.html.md"""
 # %% ../nbs/06b_devices.ipynb #99fd2e6e
 from __future__ import annotations
 
+import datetime
 import functools
 import os
 import platform
@@ -20,9 +21,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 # %% auto #0
-__all__ = ['GPU_PEAK_FLOPS', 'RECORDED_PEAKS', 'pick_device', 'synchronize', 'affordable_size', 'peak_flops', 'cpu_model_name',
-           'measure_peak', 'stable_peak', 'resolve_dtype', 'autocast', 'CompiledModel', 'DistInfo', 'init_distributed',
-           'setup_device', 'gather', 'any_rank']
+__all__ = ['GPU_PEAK_FLOPS', 'RECORDED_PEAKS', 'COLLECTIVE_TIMEOUT', 'pick_device', 'synchronize', 'affordable_size',
+           'peak_flops', 'cpu_model_name', 'measure_peak', 'stable_peak', 'resolve_dtype', 'autocast', 'CompiledModel',
+           'DistInfo', 'init_distributed', 'setup_device', 'gather', 'any_rank']
 
 # %% ../nbs/06b_devices.ipynb #3cc90a7c
 def pick_device(device: str = "auto",  # 'auto', or a torch device string: 'cpu', 'cuda', 'cuda:1', 'mps'
@@ -232,6 +233,10 @@ class DistInfo:
         return self.rank == 0
 
 
+# how long a collective waits for a process that neither answers nor dies: NCCL's default, and gloo's is 30 minutes
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+
+
 def init_distributed(device: torch.device,  # decides the backend: NCCL for CUDA, gloo otherwise
                      ) -> DistInfo:
     "Join the process group that torchrun set up in the environment; a plain single process otherwise."
@@ -241,7 +246,7 @@ def init_distributed(device: torch.device,  # decides the backend: NCCL for CUDA
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     initialized_here = not dist.is_initialized()
     if initialized_here:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return DistInfo(rank, local_rank, world_size, initialized_here)
 
 # %% ../nbs/06b_devices.ipynb #f7d58cee

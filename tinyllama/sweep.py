@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import RunLock, RunLocked
 from .data import load_corpus, split_text
 from .measure import evaluate
 from .model import build_model, count_parameters, flops_per_token
@@ -31,8 +32,8 @@ from .train import TrainResult, train
 from .tune import TUNING, tuning_config
 
 # %% auto #0
-__all__ = ['COLUMNS', 'GridFn', 'GRIDS', 'Run', 'machine', 'describe', 'read_results', 'append_row', 'test_bits_per_char',
-           'run_one', 'register_grid', 'get_grid', 'run_grid', 'main']
+__all__ = ['COLUMNS', 'GridFn', 'GRIDS', 'Run', 'machine', 'describe', 'read_results', 'append_row', 'repair_results',
+           'test_bits_per_char', 'run_one', 'register_grid', 'get_grid', 'run_grid', 'main']
 
 # %% ../nbs/09b_sweep.ipynb #00dc56de
 @dataclasses.dataclass(frozen=True)
@@ -69,16 +70,56 @@ def describe(grid: str, run: Run) -> dict:
             "flops_attention": attention * tokens, "final": run.final}
 
 # %% ../nbs/09b_sweep.ipynb #77a48ef4
+def _complete_end(text: str) -> int:
+    "Where the last complete row of CSV `text` ends: after the last newline outside quotes (0 if there is none)."
+    end, quoted = 0, False
+    for i, char in enumerate(text):
+        if char == '"':  # a quote inside a quoted field is written twice, so it toggles twice
+            quoted = not quoted
+        elif char == "\n" and not quoted:
+            end = i + 1
+    return end
+
+
+def _read_text(path: Path) -> str:
+    "The text of a results CSV, refused with a message if it ends in a half-written row."
+    try:
+        with open(path, encoding="utf-8", newline="") as f:  # newline="": the rows' \r\n as written
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a readable results CSV ({e}); fix or move it, the sweep never overwrites it") from None
+    end = _complete_end(text)
+    if end < len(text):
+        raise ValueError(f"{path} ends in a half-written row ({text[end:][:60]!r}); repair_results({str(path)!r}), "
+                         f"which every tinyllama-sweep runs first, keeps the complete rows and moves it aside")
+    return text
+
+
 def read_results(path: str | Path) -> pd.DataFrame:
     "The rows of a results CSV (an empty frame with the right columns if there is no file yet)."
     import pandas as pd
     path = Path(path)
     if not path.exists():
         return pd.DataFrame(columns=COLUMNS)
+    text = _read_text(path)
+    widths = {len(row) for row in csv.reader(io.StringIO(text))}
     try:
-        return pd.read_csv(path)
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        if len(widths) > 1:  # pandas fills short rows with NaN without a word
+            raise pd.errors.ParserError(f"rows of {sorted(widths)} fields")
+        return pd.read_csv(io.StringIO(text)) if text else pd.DataFrame(columns=COLUMNS)
+    except pd.errors.ParserError as e:
         raise ValueError(f"{path} is not a readable results CSV ({e}); fix or move it, the sweep never overwrites it") from None
+
+
+def _write_atomically(path: Path, text: str):
+    "Replace the file at `path` by `text`: a temporary file beside it, flushed to disk, renamed over it."
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def append_row(path: str | Path, row: dict):
@@ -87,19 +128,33 @@ def append_row(path: str | Path, row: dict):
     unknown = set(row) - set(COLUMNS)
     if unknown:
         raise ValueError(f"unknown result column(s) {sorted(unknown)}; valid are {COLUMNS}")
-    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    old = _read_text(path) if path.exists() else ""
     out = io.StringIO()
     writer = csv.DictWriter(out, COLUMNS)
     if not old:
         writer.writeheader()
     writer.writerow(row)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(old + out.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _write_atomically(path, old + out.getvalue())
+
+# %% ../nbs/09b_sweep.ipynb #45c9d24e
+def repair_results(path: str | Path,  # a results CSV
+                   ) -> str | None:  # what was repaired, or None if the file was complete (or absent)
+    "Move a half-written last row of the CSV at `path` into `path.torn`, keeping every complete row as it was."
+    path = Path(path)
+    if not path.exists():
+        return None
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        text = f.read()
+    end = _complete_end(text)
+    if end == len(text):
+        return None
+    torn = path.with_name(path.name + ".torn")
+    with open(torn, "a", encoding="utf-8") as f:  # kept, in case someone wants to read it
+        f.write(text[end:] + "\n")
+    _write_atomically(path, text[:end])
+    rows = max(0, sum(1 for _ in csv.reader(io.StringIO(text[:end]))) - 1)
+    return (f"{path} ended in a half-written row ({text[end:][:60]!r}); kept its {rows} complete rows and moved the "
+            f"fragment to {torn.name}; the run it belonged to has no row now, and is scored again from its checkpoint")
 
 # %% ../nbs/09b_sweep.ipynb #3a7289e5
 def test_bits_per_char(result: TrainResult, cfg: TrainConfig) -> float:
@@ -126,6 +181,8 @@ def run_one(grid: str, run: Run, runs_dir: Path) -> dict | None:
             return None
         row |= {"status": "ok", "val_loss": result.val["loss"], "val_bits_per_char": result.val["bits_per_char"],
                 "test_bits_per_char": test_bits_per_char(result, cfg) if run.final else math.nan}
+    except RunLocked:  # not a failure of the run: another process is training it
+        raise
     except Exception as e:  # recorded, never dropped: the row says what went wrong
         row |= {"status": "failed", "error": f"{type(e).__name__}: {str(e)[:300]}"}
         traceback.print_exc()
@@ -170,17 +227,21 @@ def run_grid(name: str,  # a registered grid
     runs = get_grid(name)(results_dir, tiny)
     if len({r.name for r in runs}) != len(runs):
         raise ValueError(f"grid {name!r} has two runs with the same name")
-    done = read_results(path)
-    keep = done[done.status == "ok"] if retry_failed else done
-    for i, run in enumerate(runs):
-        if run.name in set(keep.name):
-            continue
-        print(f"[{name} {i + 1}/{len(runs)}] {run.name}", flush=True)
-        row = run_one(name, run, runs_dir)
-        if row is None:
-            print(f"stopped; run `tinyllama-sweep {name}` again to continue", flush=True)
-            break
-        append_row(path, row)
+    with RunLock(runs_dir / name):  # one sweep of a grid at a time: two would train and append the same runs
+        repaired = repair_results(path)
+        if repaired:
+            print(repaired, flush=True)
+        done = read_results(path)
+        keep = done[done.status == "ok"] if retry_failed else done
+        for i, run in enumerate(runs):
+            if run.name in set(keep.name):
+                continue
+            print(f"[{name} {i + 1}/{len(runs)}] {run.name}", flush=True)
+            row = run_one(name, run, runs_dir)
+            if row is None:
+                print(f"stopped; run `tinyllama-sweep {name}` again to continue", flush=True)
+                break
+            append_row(path, row)
     return read_results(path)
 
 # %% ../nbs/09b_sweep.ipynb #07a958ef

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm import tqdm
 
-from .checkpoint import GracefulStop, check_compatible, load_tokenizer, load_weights, read_checkpoint, resolve_checkpoint
+from .checkpoint import GracefulStop, RunLock, check_compatible, load_tokenizer, load_weights, read_checkpoint, resolve_checkpoint
 from .data import random_batch
 from .device import CompiledModel, DistInfo, any_rank, gather, resolve_dtype, stable_peak, setup_device
 from .measure import Meter, MetricsLog, evaluate
@@ -81,16 +81,13 @@ class Run:
                 "world_size": info.world_size, "torch_version": str(torch.__version__)}
 
     def load_state_dict(self, state: dict, info: DistInfo, device: torch.device):
-        "Restore what `state_dict` saved (the weights are loaded separately)."
-        if len(state["sampler_states"]) != info.world_size * self.cfg.grad_accum_steps:
-            raise ValueError(f"the checkpoint has {len(state['sampler_states'])} batch samplers but this run has "
-                             f"world_size * grad_accum_steps = {info.world_size * self.cfg.grad_accum_steps}; "
-                             f"keep their product the same to resume")
+        "Restore what `state_dict` saved (the weights are loaded separately); a slot the checkpoint lacks starts afresh."
         self.step, self.tokens_seen, self.best_val_loss = state["step"], state["tokens_seen"], state["best_val_loss"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         for s, g in self.samplers.items():
-            g.set_state(state["sampler_states"][s])
+            if s < len(state["sampler_states"]):  # else: more slots than the checkpoint's (see _share_slots)
+                g.set_state(state["sampler_states"][s])
         if len(state["rng_states"]) == info.world_size:  # dropout streams, if the number of processes is the same
             torch.set_rng_state(state["rng_states"][info.rank])
             if device.type == "cuda" and state.get("cuda_rng_states"):
@@ -133,6 +130,24 @@ def _prepare(cfg: TrainConfig, resume: Path | None, info: DistInfo, device: torc
     dtype = gather(resolve_dtype(cfg.dtype, device) if info.is_main else None, info)[0]  # rank 0 measures for all
     model = dataclasses.replace(cfg.model, vocab_size=data.tokenizer.vocab_size)
     return data, dataclasses.replace(cfg, dtype=dtype, model=model)
+
+# %% ../nbs/07_train.ipynb #d425b6ea
+def _share_slots(cfg: TrainConfig, state: dict, info: DistInfo) -> TrainConfig:
+    "`cfg` with `grad_accum_steps` set so that this run's processes own the micro-batch slots of the checkpoint `state`."
+    slots, world = len(state.get("sampler_states", [])), info.world_size
+    if not slots or slots == world * cfg.grad_accum_steps:  # a fresh run, or the same slots
+        return cfg
+    accum = max(1, round(slots / world))
+    if accum * world == slots:
+        note = "every step draws the same batches as it would have without the interruption"
+    else:
+        note = (f"{world} processes cannot share {slots} slots equally, so from step {state['step']} on a step draws "
+                f"{world * accum} batches, and they differ from an uninterrupted run's")
+    if info.is_main:
+        changed = f" (not {cfg.grad_accum_steps})" if accum != cfg.grad_accum_steps else ""
+        print(f"resuming {slots} micro-batch slots on {world} process(es): grad_accum_steps={accum}{changed}; {note}",
+              flush=True)
+    return dataclasses.replace(cfg, grad_accum_steps=accum)
 
 # %% ../nbs/07_train.ipynb #40a0e951
 def _network(run: Run, cfg: TrainConfig, info: DistInfo, device: torch.device, write=print):
@@ -267,45 +282,47 @@ def train(cfg: TrainConfig,  # what to train and how
     t_start = time.perf_counter()
     device, info = setup_device(cfg.device)
     try:
-        resume = resolve_checkpoint(resume) if resume is not None else None
-        data, cfg = _prepare(cfg, resume, info, device)
-        run = Run.start(cfg, device, info.rank)
-        if resume is not None:
-            config, state = read_checkpoint(resume)
-            check_compatible(TrainConfig.from_dict(config).model, cfg.model, resume)
-            load_weights(resume, run.model)
-            run.load_state_dict(state, info, device)
-        trainer = _Trainer(cfg, data, run, info, device, resume, progress)
-        net, ddp = _network(run, cfg, info, device, write=trainer.bar.write)
-        stopped = False
-        run.model.train()
-        with GracefulStop() as stop, trainer.bar:
-            while run.step < cfg.max_steps:
-                lr, t0 = run.scheduler.get_last_lr()[0], time.perf_counter()
-                loss, grad_norm = train_step(net, run.optimizer, run.batches(data.train_ids), cfg.grad_clip,
-                                             trainer.autocast_dtype, ddp)
-                if info.world_size > 1:
-                    dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-                _check_finite(loss.item(), grad_norm, lr, run.step, trainer.out_dir)
-                run.scheduler.step()
-                run.step, run.tokens_seen = run.step + 1, run.tokens_seen + cfg.tokens_per_step * info.world_size
-                trainer.record(loss.item(), grad_norm.item(), time.perf_counter() - t0, lr)
-                if cfg.time_budget and trainer.start_step == 0 and run.step == BUDGET_PROBE_STEPS:
-                    trainer.fit_time_budget()
-                if run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps:
-                    trainer.evaluate_and_save(lr)
-                trainer.flush()
-                if on_step is not None and on_step(run.step, {"loss": loss.item(), "lr": lr, "tokens_seen": run.tokens_seen}):
-                    stop.requested = True
-                if any_rank(stop.requested, info, device) and run.step < cfg.max_steps:
-                    trainer.stop()
-                    stopped = True
-                    break
-        result = _result(trainer, stopped, t_start)
-        if info.world_size > 1:
-            dist.barrier()  # rank 0 alone scores the validation split: every rank leaves together,
-            time.sleep(0.1)  # and gloo's threads get the GIL to free their last work (chapter 07 says why)
-        return result
+        with RunLock(cfg.out_dir, hold=info.is_main):  # no second run writes into this folder meanwhile (chapter 06a)
+            resume = resolve_checkpoint(resume) if resume is not None else None
+            config, state = read_checkpoint(resume) if resume is not None else ({}, {})
+            cfg = _share_slots(cfg, state, info)  # the checkpoint's micro-batch slots, on this run's processes
+            data, cfg = _prepare(cfg, resume, info, device)
+            run = Run.start(cfg, device, info.rank)
+            if resume is not None:
+                check_compatible(TrainConfig.from_dict(config).model, cfg.model, resume)
+                load_weights(resume, run.model)
+                run.load_state_dict(state, info, device)
+            trainer = _Trainer(cfg, data, run, info, device, resume, progress)
+            net, ddp = _network(run, cfg, info, device, write=trainer.bar.write)
+            stopped = False
+            run.model.train()
+            with GracefulStop() as stop, trainer.bar:
+                while run.step < cfg.max_steps:
+                    lr, t0 = run.scheduler.get_last_lr()[0], time.perf_counter()
+                    loss, grad_norm = train_step(net, run.optimizer, run.batches(data.train_ids), cfg.grad_clip,
+                                                 trainer.autocast_dtype, ddp)
+                    if info.world_size > 1:
+                        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+                    _check_finite(loss.item(), grad_norm, lr, run.step, trainer.out_dir)
+                    run.scheduler.step()
+                    run.step, run.tokens_seen = run.step + 1, run.tokens_seen + cfg.tokens_per_step * info.world_size
+                    trainer.record(loss.item(), grad_norm.item(), time.perf_counter() - t0, lr)
+                    if cfg.time_budget and trainer.start_step == 0 and run.step == BUDGET_PROBE_STEPS:
+                        trainer.fit_time_budget()
+                    if run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps:
+                        trainer.evaluate_and_save(lr)
+                    trainer.flush()
+                    if on_step is not None and on_step(run.step, {"loss": loss.item(), "lr": lr, "tokens_seen": run.tokens_seen}):
+                        stop.requested = True
+                    if any_rank(stop.requested, info, device) and run.step < cfg.max_steps:
+                        trainer.stop()
+                        stopped = True
+                        break
+            result = _result(trainer, stopped, t_start)
+            if info.world_size > 1:
+                dist.barrier()  # rank 0 alone scores the validation split: every rank leaves together,
+                time.sleep(0.1)  # and gloo's threads get the GIL to free their last work (chapter 07 says why)
+            return result
     finally:
         if info.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
