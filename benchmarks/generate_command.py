@@ -3,11 +3,11 @@
     python benchmarks/generate_command.py --json benchmarks/results/generate_command.json
 
 In one process, one thread, batch 1, greedy, the prefill excluded (`tinyllama.generate.decode_tokens_per_sec`):
-the decoder the command builds (`tinyllama.speed.decoder_for_command`: a CompiledDecoder, eight greedy steps a
-call), the command's `--no-compile` path (chapter 08's eager loop) and llama.cpp on the F32 GGUF export of the
+the decoder the command builds with --compile (`tinyllama.speed.decoder_for_command`: a CompiledDecoder, eight
+greedy steps a call), the command's default for a short generation (chapter 08's eager loop) and llama.cpp on the F32 GGUF export of the
 same checkpoint (chapter 08b's `LlamaCppModel`), taking turns, medians over rounds; the greedy tokens are
-compared first. Then the command itself, run as a user runs it, twice (the second finds inductor's kernels in
-its cache) and with --no-compile: wall seconds from start to exit, compilation included. Needs the llamacpp
+compared first. Then the command itself, run as a user runs it: with --compile twice (the second finds
+inductor's kernels in its cache), and by default: wall seconds from start to exit, compilation included. Needs the llamacpp
 extra and a trained checkpoint (runs/cpu/best); not a test: it prints numbers.
 """
 import argparse
@@ -58,15 +58,16 @@ def main():
     checkpoint = find_checkpoint(args.checkpoint)
     model, tokenizer, _ = load_trained_model(checkpoint)
     prompt_ids = tokenizer.encode(PROMPT)
-    command_args = command_parser().parse_args(["--checkpoint", str(checkpoint), "--prompt", PROMPT, "--temperature", "0"])
+    command_args = command_parser().parse_args(["--checkpoint", str(checkpoint), "--prompt", PROMPT, "--temperature", "0",
+                                                  "--compile"])
     decoder = decoder_for_command(model, command_args)
     start = time.perf_counter()
     ours = torch.stack(list(decoder.generate_tokens([prompt_ids], args.new_tokens)), 1)[0].tolist()
     compile_s = time.perf_counter() - start
     llm = LlamaCppModel(export_gguf(checkpoint, Path(tempfile.mkdtemp()) / "gguf", "f32"), n_threads=1)
     assert ours == llm.greedy(prompt_ids, args.new_tokens), "the command's greedy tokens differ from llama.cpp's"
-    runners = {"tinyllama-generate (compiled)": lambda n: list(decoder.generate_tokens([prompt_ids], n)),
-               "tinyllama-generate --no-compile": lambda n: list(generate_tokens(model, [prompt_ids], n)),
+    runners = {"tinyllama-generate --compile": lambda n: list(decoder.generate_tokens([prompt_ids], n)),
+               "tinyllama-generate (eager)": lambda n: list(generate_tokens(model, [prompt_ids], n)),
                "llama.cpp F32": llama_cpp_decoder(llm, prompt_ids)}
     rates = {name: [] for name in runners}
     with torch.inference_mode():
@@ -75,14 +76,14 @@ def main():
                 rates[name].append(decode_tokens_per_sec(run, args.new_tokens, repeats=3))
     decode = {name: statistics.median(r) for name, r in rates.items()}
     argv = ["--checkpoint", str(checkpoint), "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", str(args.new_tokens)]
-    wall = {"first run": command_seconds(argv), "second run": command_seconds(argv),
-            "--no-compile": command_seconds(argv + ["--no-compile"])}
+    wall = {"--compile, first run": command_seconds(argv + ["--compile"]),
+            "--compile, second run": command_seconds(argv + ["--compile"]), "default (eager)": command_seconds(argv)}
     cpu = subprocess.run("lscpu | grep -o 'amx_bf16\\|avx512_bf16' | sort -u", shell=True, capture_output=True,
                          text=True).stdout.split()
     result = {"time": time.strftime("%Y-%m-%d %H:%M"), "cpu": "AMX (bfloat16 units)" if cpu else "AVX2 only",
               "checkpoint": str(checkpoint), "new_tokens": args.new_tokens, "rounds": args.rounds,
               "greedy tokens identical to llama.cpp": True, "decode tokens/s": decode,
-              "compiled vs llama.cpp": decode["tinyllama-generate (compiled)"] / decode["llama.cpp F32"],
+              "compiled vs llama.cpp": decode["tinyllama-generate --compile"] / decode["llama.cpp F32"],
               "compiling in this process (s)": compile_s, "command wall seconds": wall}
     print(json.dumps(result, indent=2))
     if args.json:

@@ -109,3 +109,9 @@ def test_the_course_speaks_of_the_course_only():
     found = [f"{name}: {m.group()!r}" for name, sources in texts.items() for text in sources
              for m in PROJECT_TALK.finditer(text)]
     assert not found, found
+
+
+def test_sidebar_shows_every_chapter_once_in_its_part():
+    "nbs/sidebar.yml (written by hand: custom_sidebar) lists each chapter exactly once, under a part, in reading order."
+    listed = re.findall(r"^\s+- (\S+\.ipynb)$", (ROOT / "nbs" / "sidebar.yml").read_text(), re.M)
+    assert listed == ["index.ipynb"] + [nb.name for nb in CHAPTERS]

@@ -307,6 +307,7 @@ class Batcher:
 
 # %% ../nbs/12c_serve.ipynb #cd012947
 class StreamOptions(BaseModel):
+    "What a streamed reply adds: `include_usage` sends the token counts as a last event."
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False  # a last chunk with the token counts
 
@@ -338,17 +339,20 @@ class SamplingRequest(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
+    "The body of POST /v1/completions: a prompt to continue."
     prompt: str
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
 
 
 class ChatMessage(BaseModel):
+    "One turn of a conversation: who speaks (`user` or `assistant`) and what they say."
     model_config = ConfigDict(extra="forbid")
     role: str  # 'user' or 'assistant' (checked by chat_prompt_ids)
     content: str
 
 
 class ChatCompletionRequest(SamplingRequest):
+    "The body of POST /v1/chat/completions: the conversation so far, ending with the user's turn."
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
 
