@@ -115,3 +115,61 @@ def test_sidebar_shows_every_chapter_once_in_its_part():
     "nbs/sidebar.yml (written by hand: custom_sidebar) lists each chapter exactly once, under a part, in reading order."
     listed = re.findall(r"^\s+- (\S+\.ipynb)$", (ROOT / "nbs" / "sidebar.yml").read_text(), re.M)
     assert listed == ["index.ipynb"] + [nb.name for nb in CHAPTERS]
+
+
+FIGURE = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d{2,}|\d*\.\d{3,})(?!\w)")  # 3+ significant digits
+ARXIV_ID = re.compile(r"\d{4}\.\d{4,5}")
+SOURCED_FIGURES = {  # figures from elsewhere, and the words naming their source that must stand in the same cell
+    "1.4697": "nanoGPT's README",  # karpathy/nanoGPT's README: shakespeare_char's best validation loss
+    "0.044715": "Hendrycks & Gimpel",  # the tanh approximation of GELU (arXiv:1606.08415)
+    "50,257": "Radford et al. 2019",  # GPT-2's vocabulary
+    "1.73": "a record of those trial runs",  # chapter 12a's learning-rate trials, typed from runs that were not kept
+}
+
+
+def _tracked(*patterns: str) -> list[Path]:
+    "Files under git that match the patterns (a checkout without git: every file that matches)."
+    import subprocess
+    try:
+        names = subprocess.run(["git", "ls-files", "--", *patterns], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout.split()
+        return [ROOT / n for n in names if (ROOT / n).is_file()]
+    except (OSError, subprocess.CalledProcessError):
+        return sorted({p for pattern in patterns for p in ROOT.glob(pattern) if p.is_file()})
+
+
+def _reader_text(output: dict) -> str:
+    "What a reader sees of one output: streams, plain text, HTML without its tags."
+    parts = ["".join(output.get("text", ""))]
+    for kind, value in output.get("data", {}).items():
+        value = "".join(value) if isinstance(value, list) else str(value)
+        if kind == "text/html":
+            parts.append(re.sub(r"<[^>]+>", " ", value))
+        elif kind.startswith("text/"):
+            parts.append(value)
+    return "\n".join(parts)
+
+
+def _figure_is_backed(figure: str, corpus: str) -> bool:
+    "The figure, commas dropped, is in the corpus, or is a rounding of a number there (1.42 of 1.4227, 22,677 of 22677.4)."
+    plain = figure.replace(",", "")
+    if plain in corpus:
+        return True
+    decimals = len(plain.split(".")[1]) if "." in plain else 0
+    pattern = r"(?<![\d.])" + re.escape(plain.split(".")[0]) + (r"\.\d+" if decimals else r"(?:\.\d+)?")
+    return any(round(float(m.group()), decimals) == float(plain) for m in re.finditer(pattern, corpus))
+
+
+def test_every_figure_in_the_prose_is_backed():
+    "A figure in the prose of a committed notebook or the README is in some committed output or results file, or its cell names its source."
+    notebooks = {nb: json.loads(nb.read_text())["cells"] for nb in sorted(_tracked("nbs/*.ipynb"))}
+    corpus = [_reader_text(o) for cells in notebooks.values() for c in cells for o in c.get("outputs", [])]
+    corpus += [f.read_text(errors="replace") for f in _tracked("results/*", "benchmarks/results/*") if f.stat().st_size < 5_000_000]
+    corpus = "\n".join(corpus).replace(",", "")
+    texts = [(nb.name, i, "".join(c["source"])) for nb, cells in notebooks.items()
+             for i, c in enumerate(cells) if c["cell_type"] == "markdown"]
+    texts += [("README.md", i, section) for i, section in enumerate(re.split(r"(?m)^(?=## )", (ROOT / "README.md").read_text()))]
+    unbacked = [f"{name} cell {i}: {figure}" for name, i, text in texts for figure in FIGURE.findall(text)
+                if not ARXIV_ID.fullmatch(figure) and not _figure_is_backed(figure, corpus)
+                and not (figure in SOURCED_FIGURES and SOURCED_FIGURES[figure] in text)]
+    assert not unbacked, f"figures in the prose that no output or results file holds, and whose source is not named: {unbacked}"
