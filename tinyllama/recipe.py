@@ -127,7 +127,8 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
         model=ModelArgs(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=1024, multiple_of=32,
                         max_seq_len=256, dropout=0.1), attention_dropout=0.0,  # SDPA's fused kernel, no dropout
         tokenizer="bpe", batch_size=32, seq_len=256, max_steps=800, warmup_steps=50, lr=2e-3, schedule="wsd",
-        min_lr_ratio=0.0, weight_decay=4.0, eval_interval=100, log_interval=10, compile=True, out_dir="runs/cpu"),
+        min_lr_ratio=0.0, eval_interval=100, log_interval=10, compile=True, out_dir="runs/cpu",
+        weight_decay=4.0),  # AdamW shrinks by lr x weight_decay a step: 0.8% at the peak rate; chapter 07a chose it
     "gpu": TrainConfig(
         model=ModelArgs(dim=384, n_layers=6, n_heads=6, n_kv_heads=2, vocab_size=1024, multiple_of=64,
                         max_seq_len=256, dropout=0.2),
