@@ -115,7 +115,7 @@ def atomic_folder(out: str | Path,  # the folder to create (or, with overwrite, 
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        write_manifest(tmp)  # chapter 06a: sizes and SHA-256 of every file, all flushed to disk
+        write_manifest(tmp)  # chapter 06c: sizes and SHA-256 of every file, all flushed to disk
         shutil.rmtree(old, ignore_errors=True)
         if out.exists():
             os.replace(out, old)

@@ -321,7 +321,7 @@ def finetune(model: nn.Module,  # trained in place
              save: bool = True,  # write cfg.out_dir/last and cfg.out_dir/best
              progress: bool = True,
              ) -> list[dict]:  # one row per step; evaluated steps (and step 0) carry eval_fn's metrics
-    "Run `step_fn` for cfg.max_steps steps on chapter 06d's optimiser and schedule, evaluating and checkpointing."
+    "Run `step_fn` for cfg.max_steps steps on chapter 06a's optimiser and schedule, evaluating and checkpointing."
     optimizer = configure_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: get_lr(s, cfg) / cfg.lr)
     history, best = [{"step": 0, **eval_fn(model)}], math.inf
@@ -353,7 +353,7 @@ def sft_step(model: nn.Module,
              generator: torch.Generator,  # draws the examples of each step
              grad_clip: float = 1.0,
              ) -> Callable[[torch.optim.Optimizer], dict]:
-    "The step function of SFT: `batch_size` random examples, masked, through chapter 06d's `train_step`."
+    "The step function of SFT: `batch_size` random examples, masked, through chapter 06a's `train_step`."
     def step(optimizer: torch.optim.Optimizer) -> dict:
         picks = torch.randint(len(examples), (batch_size,), generator=generator).tolist()
         loss, grad_norm = train_step(model, optimizer, [collate([examples[i] for i in picks])], grad_clip)

@@ -1,4 +1,4 @@
-"""Chapter 06d's pieces in the loop a real run needs: evaluation as it trains, checkpoints and a clean stop, exact resume, several processes; exported as `train`, with the function that loads what it trained.
+"""Chapter 06a's pieces in the loop a real run needs: evaluation as it trains, checkpoints and a clean stop, exact resume, several processes; exported as `train`, with the function that loads what it trained.
 
 Docs: https://tinyllama-course.github.io/tinyllama/train.html.md"""
 
@@ -282,7 +282,7 @@ def train(cfg: TrainConfig,  # what to train and how
     t_start = time.perf_counter()
     device, info = setup_device(cfg.device)
     try:
-        with RunLock(cfg.out_dir, hold=info.is_main):  # no second run writes into this folder meanwhile (chapter 06a)
+        with RunLock(cfg.out_dir, hold=info.is_main):  # no second run writes into this folder meanwhile (chapter 06c)
             resume = resolve_checkpoint(resume) if resume is not None else None
             config, state = read_checkpoint(resume) if resume is not None else ({}, {})
             cfg = _share_slots(cfg, state, info)  # the checkpoint's micro-batch slots, on this run's processes
