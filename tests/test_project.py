@@ -4,7 +4,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-CHAPTERS = sorted((ROOT / "nbs").glob("[0-9][0-9]*_*.ipynb"))  # 06_model sorts before 06c_checkpoints
+CHAPTERS = sorted((ROOT / "nbs").glob("[0-9][0-9]*_*.ipynb"))  # 06_model sorts before 06a_recipe
 
 
 def default_exp(nb: Path) -> str | None:

@@ -1,4 +1,4 @@
-"""Chapter 06a's pieces in the loop a real run needs: evaluation as it trains, checkpoints and a clean stop, exact resume, several processes; exported as `train`, with the function that loads what it trained.
+"""Chapters 06a to 06d put together in the loop a real run needs: evaluation as it trains, checkpoints and a clean stop, exact resume, several processes; exported as `train`, with the function that loads what it trained.
 
 Docs: https://tinyllama-course.github.io/tinyllama/train.html.md"""
 
