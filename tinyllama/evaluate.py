@@ -37,7 +37,7 @@ def split_metrics(model: nn.Module,  # model(tokens (B, T)) -> logits (B, T, voc
                   stride: int | None = None,  # None: non-overlapping windows; s: sliding windows (see window_plan)
                   autocast_dtype: torch.dtype | None = None,  # bfloat16 for autocast, None for float32
                   ) -> dict[str, float]:  # loss, perplexity, accuracy, bits_per_char, nats_per_char, tokens, chars, total_nll
-    "Chapter 06c's `evaluate` on the whole of `text`, encoded with `tokenizer`: every target scored once."
+    "Chapter 06b's `evaluate` on the whole of `text`, encoded with `tokenizer`: every target scored once."
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     if len(ids) < 2:
         raise ValueError(f"text of {len(text)} characters encodes to {len(ids)} token(s); need at least 2")
@@ -277,7 +277,7 @@ def finetune(model: nn.Module,  # a Llama, GPT2 or Hybrid (updated in place)
              seed: int = 0,  # seeds the batch sampler
              autocast_dtype: torch.dtype | None = None,  # bfloat16 for autocast, None for float32
              ) -> list[float]:  # the training loss of every step (nats/token)
-    "A few AdamW steps of next-token training on random windows of `ids`, with chapter 06d's `train_step`."
+    "A few AdamW steps of next-token training on random windows of `ids`, with chapter 06a's `train_step`."
     if steps < 1:
         raise ValueError(f"steps={steps} must be a positive integer")
     generator = torch.Generator().manual_seed(seed)
