@@ -4,8 +4,8 @@
 
 In one process, one thread, batch 1, greedy, the prefill excluded (`tinyllama.generate.decode_tokens_per_sec`):
 the decoder the command builds with --compile (`tinyllama.speed.decoder_for_command`: a CompiledDecoder, eight
-greedy steps a call), the command's default for a short generation (chapter 08's eager loop) and llama.cpp on the F32 GGUF export of the
-same checkpoint (chapter 08b's `LlamaCppModel`), taking turns, medians over rounds; the greedy tokens are
+greedy steps a call), the command's default for a short generation (chapter 12's eager loop) and llama.cpp on the F32 GGUF export of the
+same checkpoint (appendix C's `LlamaCppModel`), taking turns, medians over rounds; the greedy tokens are
 compared first. Then the command itself, run as a user runs it: with --compile twice (the second finds
 inductor's kernels in its cache), and by default: wall seconds from start to exit, compilation included. Needs the llamacpp
 extra and a trained checkpoint (runs/cpu/best); not a test: it prints numbers.
@@ -31,7 +31,7 @@ PROMPT = "KING RICHARD III:\nNow is the"
 
 
 def llama_cpp_decoder(llm: LlamaCppModel, prompt_ids: list[int]):
-    "generate(n): prefill, then n - 1 greedy steps over llama.cpp's own KV cache (as chapter 08b times it)."
+    "generate(n): prefill, then n - 1 greedy steps over llama.cpp's own KV cache (as appendix C times it)."
     def decode(n):
         llm.llm.reset()
         llm.llm.eval(prompt_ids)

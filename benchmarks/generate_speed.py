@@ -8,9 +8,9 @@ CPU, greedy, decode tokens per second with the prefill excluded: (n - 1) / (time
 (`tinyllama.generate.decode_tokens_per_sec`), medians, the implementations taking turns so that a busy machine
 slows all alike:
 
-- tinyllama eager: `tinyllama.generate.generate_tokens`, the model's forward over the KV cache (chapter 08);
+- tinyllama eager: `tinyllama.generate.generate_tokens`, the model's forward over the KV cache (chapter 12);
 - tinyllama compiled: `tinyllama.speed.CompiledDecoder` with `greedy_chunk=8`, one `torch.compile`d graph that
-  makes 8 greedy tokens a call over the pre-allocated cache with static shapes (chapter 08c); and the same decoder
+  makes 8 greedy tokens a call over the pre-allocated cache with static shapes (appendix D); and the same decoder
   making one token a call;
 - transformers: `LlamaForCausalLM.generate` on the same weights (`tinyllama.model.to_hf_llama`), with SDPA and with
   eager attention; the faster of the two is the reference.

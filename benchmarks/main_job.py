@@ -5,7 +5,7 @@
 
 Runs the command in a fresh process, times it from start to exit, then reads what the run folder records (the
 steps its budget fixed, the tokens, the validation loss on the whole split at the last step) and appends a row
-with the kind of CPU: chapter 07a shows the rows. Not a test: it prints numbers.
+with the kind of CPU: appendix A shows the rows. Not a test: it prints numbers.
 """
 import argparse
 import csv

@@ -1,11 +1,11 @@
-"""Speculative decoding against plain cached decoding: acceptance, tokens/s and speed-up for k = 1..8 (chapter 08d).
+"""Speculative decoding against plain cached decoding: acceptance, tokens/s and speed-up for k = 1..8 (appendix E).
 
     python benchmarks/speculative_speed.py                         # runs/cpu/best as target, runs/draft/best as draft
     python benchmarks/speculative_speed.py --train-draft           # train the draft first if runs/draft has none (1-2 min)
     python benchmarks/speculative_speed.py --temperatures 0 0.8 --repeats 7 --json speculative.json
 
 Batch 1, one thread by default, 4 prompts from the validation text, `--new-tokens` each. Every repeat runs plain
-decoding (chapter 08's `generate_tokens`) and speculative decoding for each k in turn, so a busy machine slows all
+decoding (chapter 12's `generate_tokens`) and speculative decoding for each k in turn, so a busy machine slows all
 alike; the tokens/s are medians over the repeats (`tinyllama.speculative.measure_speculative`). Greedy speculative
 output is checked to be identical to plain greedy output first. Not a test: run it on a quiet machine
 (under `flock /tmp/cpu.lock` on a shared one); the load average is printed.

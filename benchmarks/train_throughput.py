@@ -1,4 +1,4 @@
-"""Training throughput and MFU of tinyllama's training step against chapter 09's GPT-2 of the same size and shape.
+"""Training throughput and MFU of tinyllama's training step against chapter 13's GPT-2 of the same size and shape.
 
     python benchmarks/train_throughput.py                       # the cpu preset's shape, bfloat16 autocast, 2 threads
     python benchmarks/train_throughput.py --dtype float32 --repeats 7 --json benchmarks/results/train_fp32.json
@@ -8,7 +8,7 @@ Four runners take full optimiser steps (forward, cross-entropy, backward, clippi
 with `tinyllama.recipe.configure_optimizer` and `tinyllama.recipe.train_step`, the code the training loop runs:
 
 - tinyllama: `tinyllama.model.Llama` at the preset's shape, eager and `torch.compile`d;
-- GPT-2: `tinyllama.gpt2.GPT2` (chapter 09) at the same width, depth, heads, vocabulary and context, biases and
+- GPT-2: `tinyllama.gpt2.GPT2` (chapter 13) at the same width, depth, heads, vocabulary and context, biases and
   dropout off: LayerNorm, learned positions, a GELU MLP of 4 x dim (2% fewer weights than the SwiGLU block),
   eager and compiled.
 

@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from tinyllama.data import load_corpus, split_text
 from tinyllama.evaluate import (GPT2_PATH_ENV, CountModel, choose_alpha, finetune, fit_count_model,
                                 load_gpt2_with_tokenizer, loss_by_position, pretrained_gpt2_dir, split_metrics)
-from tinyllama.measure import evaluate, token_nll, window_plan  # chapter 06b's; chapter 10 scores with them
+from tinyllama.measure import evaluate, token_nll, window_plan  # chapter 08's; chapter 15 scores with them
 from tinyllama.gpt2 import GPT2Args, hf_gpt2_config
 from tinyllama.model import Llama, ModelArgs
 from tinyllama.tokenizer import CharTokenizer
@@ -91,7 +91,7 @@ def test_split_metrics_definitions(text):
     assert_close(m["accuracy"], correct.double().mean().item(), rtol=1e-12, atol=0)
 
 
-def test_split_metrics_is_chapter_06bs_evaluate_on_the_encoded_text(text):
+def test_split_metrics_is_chapter_08s_evaluate_on_the_encoded_text(text):
     "One scorer: split_metrics only encodes and counts characters; BPE's first token may span several characters."
     from tinyllama.tokenizer import train_tokenizer
     tokenizer = train_tokenizer(text[:20_000], 400)

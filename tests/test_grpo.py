@@ -36,7 +36,7 @@ def tiny_model(vocab_size, seed=0):
     ("ROMEO:\nAy me!", False, {"ends with EOS"}),  # cut before EOS
     ("ROMEO:\n", True, {"names the speaker", "body has a word"}),  # an empty reply under the right name
     ("ROMEO:", True, {"names the speaker", "body has a word"}),
-    ("ROMEO:\n .", True, {"body has a word"}),  # chapter 12's check passes it: only the length is tested there
+    ("ROMEO:\n .", True, {"body has a word"}),  # chapter 17's check passes it: only the length is tested there
     ("ROMEO:\nROMEO:\nROMEO:", True, {"no heading in the body"}),  # the name repeated
     ("ROMEO:\nAy me!\nJULIET:\nWhat?", True, {"no heading in the body"}),  # a second speech without the blank line
     ("ROMEO:\nAy me!\n\nJULIET:\nWhat?", True, {"one turn", "no heading in the body"}),

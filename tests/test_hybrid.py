@@ -1,4 +1,4 @@
-"The hybrid of chapter 09a: Llama at LLaMA's settings, one GPT-2 part per switch, registered without the trainer."
+"The hybrid of appendix F: Llama at LLaMA's settings, one GPT-2 part per switch, registered without the trainer."
 import dataclasses
 import subprocess
 import sys

@@ -80,7 +80,7 @@ def test_extended_model_gives_identical_logits_for_old_tokens(tie):
 # --- the response mask ----------------------------------------------------------------------------------------------
 
 def step_loss(model, ids, start):
-    "The loss chapter 07's train_step reports for one example (a zero learning rate leaves the weights alone)."
+    "The loss chapter 11's train_step reports for one example (a zero learning rate leaves the weights alone)."
     x, y = collate([(ids, start)])
     loss, _ = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), [(x, y)])
     return loss.item()

@@ -4,7 +4,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-CHAPTERS = sorted((ROOT / "nbs").glob("[0-9][0-9]*_*.ipynb"))  # 06_model sorts before 06a_recipe
+CORE = sorted((ROOT / "nbs").glob("[0-9][0-9]_*.ipynb"))  # the numbered chapters: the path from text to a chat model
+APPENDICES = sorted((ROOT / "nbs").glob("[A-Z]_*.ipynb"))  # lettered, read after the core path, skippable
+CHAPTERS = CORE + APPENDICES  # the reading order
 
 
 def default_exp(nb: Path) -> str | None:
@@ -39,7 +41,7 @@ def test_readme_shows_the_ci_test_command():
 
 def test_home_page_links_every_chapter():
     home = "".join("".join(c["source"]) for c in json.loads((ROOT / "nbs" / "index.ipynb").read_text())["cells"])
-    linked = set(re.findall(r"\]\((\d\d[a-z]?_\w+\.ipynb)\)", home))
+    linked = set(re.findall(r"\]\(((?:\d\d|[A-Z])_\w+\.ipynb)\)", home))
     assert {nb.name for nb in CHAPTERS} == linked, f"home page links {sorted(linked)}, chapters are {[nb.name for nb in CHAPTERS]}"
 
 
@@ -123,7 +125,7 @@ SOURCED_FIGURES = {  # figures from elsewhere, and the words naming their source
     "1.4697": "nanoGPT's README",  # karpathy/nanoGPT's README: shakespeare_char's best validation loss
     "0.044715": "Hendrycks & Gimpel",  # the tanh approximation of GELU (arXiv:1606.08415)
     "50,257": "Radford et al. 2019",  # GPT-2's vocabulary
-    "1.73": "a record of those trial runs",  # chapter 12a's learning-rate trials, typed from runs that were not kept
+    "1.73": "a record of those trial runs",  # chapter 18's learning-rate trials, typed from runs that were not kept
 }
 
 

@@ -1,4 +1,4 @@
-"Serving's promises, checked with the official `openai` client against a real server: output = chapter 08's generate, batching, bad requests, the command."
+"Serving's promises, checked with the official `openai` client against a real server: output = chapter 12's generate, batching, bad requests, the command."
 import copy
 import dataclasses
 import json
@@ -62,7 +62,7 @@ def post(url: str, body) -> tuple[int, dict]:
 
 
 def reference_reply(model, tokenizer, messages, max_tokens: int) -> tuple[str, str]:
-    "Chapter 08's greedy tokens after the conversation's ids, up to EOS: (text, finish_reason)."
+    "Chapter 12's greedy tokens after the conversation's ids, up to EOS: (text, finish_reason)."
     row = torch.cat(list(generate_tokens(model, [chat_prompt_ids(tokenizer, messages)], max_tokens,
                                          eos_id=tokenizer.eos_id))).tolist()
     if tokenizer.eos_id in row:

@@ -1,4 +1,4 @@
-"Speculative decoding (chapter 08d): exact for greedy and for sampling, rollback by position, errors that name the argument."
+"Speculative decoding (appendix E): exact for greedy and for sampling, rollback by position, errors that name the argument."
 import contextlib
 import copy
 

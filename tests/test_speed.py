@@ -1,4 +1,4 @@
-"Chapter 08c's tools: fair timing, the profile by category, the static decode step, the stable peak. No timed asserts."
+"Appendix D's tools: fair timing, the profile by category, the static decode step, the stable peak. No timed asserts."
 import dataclasses
 
 import pytest
@@ -124,7 +124,7 @@ def test_greedy_chunk_must_be_a_positive_integer(tiny_model):
 
 
 def test_the_command_decodes_compiled_with_the_eager_commands_text(tmp_path, capsys):
-    "tinyllama-generate --compile (greedy: eight steps a call) prints what chapter 08's eager command prints."
+    "tinyllama-generate --compile (greedy: eight steps a call) prints what chapter 12's eager command prints."
     from tinyllama.generate import main as eager_main
     from tinyllama.train import TRAIN_PRESETS, train
     tiny = TRAIN_PRESETS["tiny"]

@@ -244,7 +244,7 @@ def test_cli_prints_results(tmp_path, capsys, monkeypatch):
         main(["--preset", "tiny", "--out-dir", str(tmp_path / "cli")])
     assert config_from_args(["--preset", "tiny", "--out-dir", str(tmp_path / "cli"), "--overwrite"])[0].out_dir == str(tmp_path / "cli")
     monkeypatch.chdir(tmp_path)
-    assert config_from_args(["--preset", "cpu"])[0].out_dir == "runs/cpu"  # the preset's folder, where chapter 08 looks
+    assert config_from_args(["--preset", "cpu"])[0].out_dir == "runs/cpu"  # the preset's folder, where chapter 12 looks
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):

@@ -1,6 +1,6 @@
 """The chat page of `tinyllama-serve` (GET /), as a reader uses it: headless Chromium types two messages.
 
-Independent of TINYLLAMA_SITE: it serves its own app (uvicorn on a thread, a free port of 127.0.0.1), with chapter 12c's
+Independent of TINYLLAMA_SITE: it serves its own app (uvicorn on a thread, a free port of 127.0.0.1), with appendix H's
 `random_chat_model`. Set TINYLLAMA_CHAT_SCREENSHOT=path.png to keep a screenshot of the page after the second reply.
 """
 import copy
@@ -40,7 +40,7 @@ def browser():
 
 
 def reference_reply(model, tokenizer, messages) -> str:
-    "Chapter 08's greedy tokens after the conversation in chapter 12's format, up to EOS."
+    "Chapter 12's greedy tokens after the conversation in chapter 17's format, up to EOS."
     row = torch.cat(list(generate_tokens(model, [chat_prompt_ids(tokenizer, messages)], MAX_TOKENS,
                                          eos_id=tokenizer.eos_id))).tolist()
     return tokenizer.decode(row[:row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row)
@@ -91,7 +91,7 @@ def test_two_turns_stream_in_and_the_second_carries_the_first(served, browser):
     assert bodies[1]["messages"] == first + [{"role": "assistant", "content": shown_replies[0]},
                                              {"role": "user", "content": messages[1]}]
     assert bodies[1]["max_tokens"] == MAX_TOKENS and all(s.startswith("text/event-stream") for s in streams)
-    # what it shows is the conversation, and each reply is chapter 08's greedy reply to it
+    # what it shows is the conversation, and each reply is chapter 12's greedy reply to it
     assert shown_users == messages
     assert shown_replies[0] == reference_reply(model, tokenizer, [("user", messages[0])]) and len(shown_replies[0]) > 20
     assert shown_replies[1] == reference_reply(model, tokenizer, [("user", messages[0]), ("assistant", shown_replies[0]),

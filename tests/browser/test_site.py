@@ -23,7 +23,7 @@ def notebook_title(nb: Path) -> str:
     return re.match(r"#\s+(.+)", "".join(first["source"]).strip()).group(1).strip()
 
 
-CHAPTERS = sorted(p for p in (ROOT / "nbs").glob("[0-9][0-9]*_*.ipynb"))  # lettered chapters (06a) too
+CHAPTERS = sorted((ROOT / "nbs").glob("[0-9][0-9]_*.ipynb")) + sorted((ROOT / "nbs").glob("[A-Z]_*.ipynb"))  # core, appendices
 PAGES = [("index.html", notebook_title(ROOT / "nbs" / "index.ipynb"))] + [
     (nb.with_suffix(".html").name, notebook_title(nb)) for nb in CHAPTERS]
 
