@@ -1,9 +1,10 @@
 "The project's promises about itself: one module a notebook, the README's commands, the pinned torch."
-import ast, importlib, json, re, tomllib
+import ast, importlib, importlib.util, json, re, tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+NBS = ROOT / "nbs"
 CORE = sorted((ROOT / "nbs").glob("[0-9][0-9]_*.ipynb"))  # the numbered chapters: the path from text to a chat model
 APPENDICES = sorted((ROOT / "nbs").glob("[A-Z]_*.ipynb"))  # lettered, read after the core path, skippable
 CHAPTERS = CORE + APPENDICES  # the reading order
@@ -178,3 +179,39 @@ def test_every_figure_in_the_prose_is_backed():
                 if not ARXIV_ID.fullmatch(figure) and not _figure_is_backed(figure, corpus)
                 and not (figure in SOURCED_FIGURES and SOURCED_FIGURES[figure] in text)]
     assert not unbacked, f"figures in the prose that no output or results file holds, and whose source is not named: {unbacked}"
+
+
+def _reading_map():
+    spec = importlib.util.spec_from_file_location("reading_map", ROOT / "tools" / "reading_map.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reading_map_is_current():
+    "The README's and the home page's maps are what tools/reading_map.py renders from the notebooks and the timings."
+    reading_map = _reading_map()
+    assert [nb.name for nb in reading_map.chapters()] == [nb.name for nb in CHAPTERS]
+    assert set(reading_map.IDEAS) == {nb.stem for nb in CHAPTERS}, "every chapter has its one line in the map"
+    assert not reading_map.stale(), "run `python tools/reading_map.py render`"
+
+
+def test_core_path_is_at_most_30000_words():
+    "A reader can take the core path in an afternoon or two: at most 30,000 words of prose."
+    words = {nb.name: _reading_map().prose_words(nb) for nb in CORE}
+    assert sum(words.values()) <= 30_000, words
+
+
+def test_references_name_chapters_that_exist():
+    "Every 'chapter NN' names a core chapter, every 'appendix X' an appendix, every link to a notebook a notebook."
+    core = {nb.name[:2] for nb in CORE}
+    appendices = {nb.name[0] for nb in APPENDICES}
+    texts = {nb.name: ("".join("".join(c["source"]) for c in json.loads(nb.read_text())["cells"]), NBS)
+             for nb in sorted(NBS.glob("*.ipynb"))}
+    texts["README.md"] = ((ROOT / "README.md").read_text(), ROOT)
+    wrong = []
+    for name, (text, base) in texts.items():
+        wrong += [f"{name}: chapter {n}" for n in re.findall(r"\b[Cc]hapter (\d\d)\b", text) if n not in core]
+        wrong += [f"{name}: appendix {a}" for a in re.findall(r"\b[Aa]ppendix ([A-Z])\b", text) if a not in appendices]
+        wrong += [f"{name}: link {link}" for link in re.findall(r"\]\(([\w./-]+\.ipynb)\)", text) if not (base / link).exists()]
+    assert not wrong, wrong
