@@ -107,12 +107,6 @@ def test_split_metrics_is_chapter_08s_evaluate_on_the_encoded_text(text):
         split_metrics(model, tokenizer, part[:1], seq_len=64)
 
 
-def test_hybrid_names_still_importable_from_evaluate():
-    import tinyllama.evaluate
-    import tinyllama.hybrid
-    assert tinyllama.evaluate.Hybrid is tinyllama.hybrid.Hybrid and tinyllama.evaluate.HybridArgs is tinyllama.hybrid.HybridArgs
-
-
 def test_count_baselines_against_numpy(text):
     tokenizer = CharTokenizer(text)
     vocab_size = tokenizer.vocab_size

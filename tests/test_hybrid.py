@@ -1,4 +1,4 @@
-"The hybrid of appendix F: Llama at LLaMA's settings, one GPT-2 part per switch, registered without the trainer."
+"The hybrid of appendix F: Llama at LLaMA's settings, one GPT-2 part per switch, registered by name; its ablation grid."
 import dataclasses
 import subprocess
 import sys
@@ -106,16 +106,37 @@ def test_learned_positions_cache_padding_and_stop_at_max_seq_len():
         model(torch.zeros(1, 25, dtype=torch.long))
 
 
-def test_registered_in_chapter_06s_registry_without_the_trainer():
-    "hybrid registers with tinyllama.model and imports nothing later than itself (no tinyllama.train, no evaluate)."
-    code = ("import sys, tinyllama.hybrid as h, tinyllama.model as m; "
-            "assert m.get_architecture('hybrid').model_class is h.Hybrid; "
-            "later = {'tinyllama.train', 'tinyllama.evaluate', 'tinyllama.generate'} & set(sys.modules); "
-            "assert not later, f'tinyllama.hybrid imported {later}'")
-    subprocess.run([sys.executable, "-c", code], check=True)
+def test_registered_in_chapter_06s_registry_and_its_grid_in_the_sweeps():
+    "Importing tinyllama.hybrid registers the architecture with tinyllama.model and the grid 'hybrid.ablate' with the sweep."
+    code = ("import sys, tinyllama.model as m, tinyllama.sweep as s; "
+            "assert m.get_architecture('hybrid').model_class.__module__ == 'tinyllama.hybrid'; "
+            "assert s.get_grid('hybrid.ablate').__module__ == 'tinyllama.hybrid'")
+    subprocess.run([sys.executable, "-c", code], check=True)  # a fresh process: each registry imports the module itself
     args = HybridArgs(**SMALL.to_dict(), mlp="gelu")
     assert type(build_model(args)) is Hybrid and get_architecture("hybrid").args_class is HybridArgs
     assert {"max_seq_len", "norm", "positions", "mlp"} <= set(get_architecture("hybrid").shape_fields)
+
+
+def test_ablate_grid_puts_back_one_gpt2_part_per_run_at_llamas_rate(tmp_path):
+    "Appendix F's grid: 3 parts x 3 seeds at the main width, each run LLaMA but for one switch, all at LLaMA's best rate."
+    from tinyllama.evaluate import SEEDS, best_lr, shape
+    from tinyllama.hybrid import ABLATIONS, ablate_grid
+    from tinyllama.sweep import COLUMNS
+    rows = [{"name": f"{arch}-d{dim}-lr{lr:g}-s0", "status": "ok", "arch": arch, "lr": lr, "seed": 0,
+             "val_bits_per_char": 3.0 + abs(lr - (4e-3 if arch == "llama" else 8e-3))}  # llama's best: 4e-3
+            for arch in ("llama", "gpt2") for dim in (16, 32) for lr in (1e-3, 2e-3, 4e-3, 8e-3)]
+    import pandas as pd
+    pd.DataFrame(rows).reindex(columns=COLUMNS).to_csv(tmp_path / "evaluate.lr.csv", index=False)
+    assert best_lr(tmp_path, "llama", 32, tiny=True) == 4e-3
+    runs = ablate_grid(tmp_path, tiny=True)
+    assert len(runs) == len(ABLATIONS) * len(SEEDS) and len({r.name for r in runs}) == len(runs)
+    llama = shape("llama", 32, tiny=True)
+    for run in runs:
+        args = run.cfg.model
+        changed = {name for name in ABLATIONS if getattr(args, name) != getattr(HybridArgs(), name)}
+        assert len(changed) == 1 and getattr(args, changed.pop()) in run.name
+        assert run.cfg.arch == "hybrid" and run.cfg.lr == 4e-3 and not run.final
+        assert {k: v for k, v in args.to_dict().items() if k not in ABLATIONS} == llama.to_dict()
 
 
 def test_hybrid_trains_and_its_checkpoint_reloads(tmp_path):
