@@ -1,4 +1,4 @@
-"""LLaMA's feed-forward layer: a SiLU gate times a linear "up" projection, with a hidden size chosen to match the classic 4·dim MLP in parameters.
+"""LLaMA's feed-forward layer: a SiLU gate on a linear "up" projection, sized to cost what the classic 4·dim MLP did.
 
 Docs: https://tinyllama-course.github.io/tinyllama/swiglu.html.md"""
 
