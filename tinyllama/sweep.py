@@ -1,4 +1,4 @@
-"""Experiments longer than a notebook: a named grid of training runs, one resumable command, one row per run appended atomically to a CSV that is committed with the course.
+"""Experiments longer than a notebook: a named grid of training runs, one resumable command, and one row per run appended atomically to a CSV committed with the course.
 
 Docs: https://tinyllama-course.github.io/tinyllama/sweep.html.md"""
 
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None):
     "Command line `tinyllama-sweep GRID`: run (or continue) a grid into results/GRID.csv."
     import argparse
     parser = argparse.ArgumentParser(prog="tinyllama-sweep", description=main.__doc__)
-    parser.add_argument("grid", help="a grid name such as evaluate.lr, evaluate.compare, evaluate.ablate, scaling.budgets")
+    parser.add_argument("grid", help="a grid name such as evaluate.lr, evaluate.compare, hybrid.ablate, scaling.budgets")
     parser.add_argument("--results", default="results", help="folder of the results CSVs (default results/)")
     parser.add_argument("--runs", default="runs/sweep", help="folder of the runs' checkpoints (default runs/sweep/)")
     parser.add_argument("--tiny", action="store_true", help="the grid's tiny version, for tests")
