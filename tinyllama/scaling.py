@@ -1,4 +1,4 @@
-"""Loss as a function of parameters and tokens on Tiny Shakespeare: Chinchilla's parametric law fitted to our own runs, IsoFLOP curves, the compute-optimal tokens per parameter, what repeating a small corpus does, and a run predicted before it was trained.
+"""Loss as a function of parameters and tokens on Tiny Shakespeare: Chinchilla's law fitted to our own runs, IsoFLOP curves, the compute-optimal tokens per parameter, what repeating a small corpus does, and a run predicted before it was trained.
 
 Docs: https://tinyllama-course.github.io/tinyllama/scaling.html.md"""
 
