@@ -129,7 +129,6 @@ SOURCED_FIGURES = {  # figures from elsewhere, and the words naming their source
     "1.4697": "nanoGPT's README",  # karpathy/nanoGPT's README: shakespeare_char's best validation loss
     "0.044715": "Hendrycks & Gimpel",  # the tanh approximation of GELU (arXiv:1606.08415)
     "50,257": "Radford et al. 2019",  # GPT-2's vocabulary
-    "1.73": "a record of those trial runs",  # chapter 18's learning-rate trials, typed from runs that were not kept
 }
 
 
