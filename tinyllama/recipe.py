@@ -33,34 +33,44 @@ SPLIT = (0.9, 0.1)  # default train and validation fractions of the corpus (chap
 @dataclass
 class TrainConfig(ConfigMixin):
     "Everything about a training run: model shape, tokenizer, batches, optimiser, schedule, evaluation, device, output."
+    # What to train: the model and its architecture (chapter 06)
     model: typing.Any = field(default_factory=ModelArgs)  # shape of the model (arch's args_class); vocab_size is set by the tokenizer
     arch: str = "llama"  # the registered architecture that model describes: 'llama', 'gpt2' (chapter 13), 'hybrid' (appendix F)
+    # The data: tokens, text and splits (chapters 00 and 01; prepare_data, below)
     tokenizer: str = "bpe"  # 'bpe' (SentencePiece, model.vocab_size tokens) or 'char' (one token per character)
     max_chars: int | None = None  # use only the first max_chars characters of the corpus (tests, quick trials)
     split: tuple[float, ...] = SPLIT  # (train, val) or (train, val, test) fractions; train() never reads the test part
+    # Regularisation beyond model.dropout (the loop, chapter 11)
     attention_dropout: float | None = None  # dropout on attention probabilities; None means model.dropout
+    # Batches (train_step, below)
     batch_size: int = 32  # sequences per micro-batch, in each process
     seq_len: int = 256  # tokens per sequence, at most model.max_seq_len
     grad_accum_steps: int = 1  # micro-batches per optimiser step, in each process
+    # How long (get_lr, below; the time budget, chapter 11)
     max_steps: int = 1000  # optimiser steps; the schedule ends here
     time_budget: float | None = None  # minutes of training: max_steps is then fixed from the speed of the first steps
+    # The schedule (get_lr, below)
     warmup_steps: int = 100  # steps of linear warm-up
     lr: float = 1e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # the schedule ends at min_lr_ratio * lr
     schedule: str = "cosine"  # after warm-up: 'cosine' decay, or 'wsd' (stable at lr, then a linear decay)
     decay_fraction: float = 0.2  # 'wsd' only: the last fraction of max_steps that decays
+    # The optimiser and clipping (configure_optimizer and train_step, below)
     optimizer: str = "adamw"  # 'adamw'; 'muon': Muon for the blocks' weight matrices, AdamW for the rest
     weight_decay: float = 0.1  # decoupled weight decay on matrices (embedding included), not on norm gains
     beta1: float = 0.9  # AdamW momentum
     beta2: float = 0.95  # AdamW second-moment decay
     grad_clip: float = 1.0  # largest global gradient norm; 0 turns clipping off
+    # Evaluation and logging (chapters 08 and 11)
     eval_interval: int = 100  # steps between evaluations (each writes the last and maybe the best checkpoint)
     eval_batches: int = 0  # validation batches per evaluation (the first ones of the split); 0 means the whole split
     log_interval: int = 10  # steps between rows of metrics.csv
+    # Where and how it runs (chapter 10)
     dtype: str = "auto"  # 'float32'; 'bfloat16' for bfloat16 autocast; 'auto': bfloat16 where it is faster here
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # 'auto' (CUDA, then MPS, then CPU), or a torch device such as 'cpu', 'cuda:1'
     seed: int = 0  # seeds the initialisation, dropout and the batch samplers
+    # What it writes (chapters 09 and 11; appendix B)
     out_dir: str = "runs/default"  # checkpoints, metrics.csv and the tokenizer go here
     sample_tokens: int = 200  # tokens of text the command line generates at the end of the run (appendix B)
 
