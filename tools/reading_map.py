@@ -196,7 +196,11 @@ def main(argv: list[str]):
                [nb for nb in chapters() if nb.stem not in read_minutes()]
         for nb in todo:
             print(f"{nb.name}: running in full ...", flush=True)
-            row = time_chapter(nb)
+            try:
+                row = time_chapter(nb)
+            except RuntimeError as e:  # a chapter that fails records nothing; the others still run
+                print(e, flush=True)
+                continue
             append_row(row)
             print(f"{nb.name}: {row['minutes']} min ({row['kind']}, load {row['load_before']} -> {row['load_after']})", flush=True)
     elif command == "render":
