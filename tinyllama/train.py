@@ -8,6 +8,7 @@ Docs: https://tinyllama-course.github.io/tinyllama/train.html.md"""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -93,6 +94,78 @@ class Run:
             if device.type == "cuda" and state.get("cuda_rng_states"):
                 torch.cuda.set_rng_state(state["cuda_rng_states"][info.rank], device)
 
+    def save(self, out_dir: Path, folders: tuple[str, ...], tokenizer, info: DistInfo, device: torch.device) -> int:
+        "Save the weights and state into each of `folders` of `out_dir` (a collective; rank 0 writes); returns the step."
+        state = self.state_dict(info, device)
+        if info.is_main:
+            for folder in folders:
+                save_checkpoint(out_dir / folder, self.model, self.cfg, state, tokenizer)
+        return self.step
+
+# %% ../nbs/11_train.ipynb #d425b6ea
+def _share_slots(cfg: TrainConfig, state: dict, info: DistInfo) -> TrainConfig:
+    "`cfg` with `grad_accum_steps` set so that this run's processes own the micro-batch slots of the checkpoint `state`."
+    slots, world = len(state.get("sampler_states", [])), info.world_size
+    if not slots or slots == world * cfg.grad_accum_steps:  # a fresh run, or the same slots
+        return cfg
+    accum = max(1, round(slots / world))
+    if accum * world == slots:
+        note = "every step draws the same batches as it would have without the interruption"
+    else:
+        note = (f"{world} processes cannot share {slots} slots equally, so from step {state['step']} on a step draws "
+                f"{world * accum} batches, and they differ from an uninterrupted run's")
+    if info.is_main:
+        changed = f" (not {cfg.grad_accum_steps})" if accum != cfg.grad_accum_steps else ""
+        print(f"resuming {slots} micro-batch slots on {world} process(es): grad_accum_steps={accum}{changed}; {note}",
+              flush=True)
+    return dataclasses.replace(cfg, grad_accum_steps=accum)
+
+# %% ../nbs/11_train.ipynb #5d03eae5
+def _run_tokenizer(cfg: TrainConfig, resume: Path | None, info: DistInfo) -> Tokenizer | CharTokenizer | None:
+    "The run's tokenizer: the checkpoint's on a resume, rank 0's with several processes; None: prepare_data trains one."
+    if resume is not None:
+        return load_tokenizer(cfg.tokenizer, resume / "tokenizer.model")
+    if info.world_size == 1:
+        return None
+    out_dir = Path(cfg.out_dir)
+    if info.is_main:  # rank 0 trains it once; the others wait, then read its file
+        out_dir.mkdir(parents=True, exist_ok=True)
+        prepare_data(cfg).tokenizer.save(out_dir / "tokenizer.model")
+    dist.barrier()
+    return load_tokenizer(cfg.tokenizer, out_dir / "tokenizer.model")
+
+# %% ../nbs/11_train.ipynb #56269612
+def _check_finite(loss: float, grad_norm: Tensor, lr: float, step: int, out_dir: Path):
+    "Raise `FloatingPointError` if the loss is NaN or infinite, naming the step and the last good checkpoint."
+    if not math.isfinite(loss):
+        last = out_dir / "last"
+        raise FloatingPointError(
+            f"the training loss became {loss} at step {step + 1} (lr {lr:.3g}, gradient norm {grad_norm.item():.3g}); "
+            f"the run is stopped and nothing after step {step} was saved. The last good checkpoint is "
+            f"{last if last.exists() else 'none (no checkpoint yet)'}. Try a lower --lr, a longer --warmup-steps "
+            f"or --grad-clip 1.0")
+
+# %% ../nbs/11_train.ipynb #837811d9
+BUDGET_PROBE_STEPS = 10  # steps timed before a time budget fixes max_steps
+
+
+def _fit_time_budget(cfg: TrainConfig,  # its max_steps is set, and written to out_dir/config.json
+                     done: int,  # steps timed so far
+                     compile_s: float,  # seconds the first step spent compiling
+                     meter: Meter,  # the steps' time and tokens so far
+                     info: DistInfo, write=print) -> int:
+    "Set cfg.max_steps so that the steps fill cfg.time_budget minutes at rank 0's speed so far; record it and say so."
+    seconds_per_step = cfg.tokens_per_step * info.world_size / meter.tokens_per_sec(whole_run=True)
+    spent = compile_s + meter.total_time  # in the steps so far (evaluation is not in the budget)
+    steps = done + max(1, int((60 * cfg.time_budget - spent) / seconds_per_step))
+    cfg.max_steps = gather(steps if info.is_main else None, info)[0]  # the scheduler reads cfg.max_steps too
+    if info.is_main:
+        (Path(cfg.out_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))  # a resume keeps the count
+        write(f"time budget {cfg.time_budget:g} min: {seconds_per_step:.2f} s a step over the first {done} steps, "
+              f"so max_steps = {cfg.max_steps:,} ({cfg.max_steps * cfg.tokens_per_step * info.world_size:,} tokens); "
+              f"the learning rate decays over the last {cfg.decay_fraction:.0%}")
+    return cfg.max_steps
+
 # %% ../nbs/11_train.ipynb #23407ae6
 @dataclass
 class TrainResult:
@@ -114,165 +187,7 @@ class TrainResult:
     peak_flops_source: str = ""
     compile_s: float = 0.0  # seconds of the first step, which compiled the model (with cfg.compile)
 
-# %% ../nbs/11_train.ipynb #39dc511e
-def _prepare(cfg: TrainConfig, resume: Path | None, info: DistInfo, device: torch.device):
-    "The data (tokenizer from the checkpoint, or trained once by rank 0) and the config with dtype and vocabulary settled."
-    out_dir, tokenizer = Path(cfg.out_dir), None
-    if resume is not None:
-        tokenizer = load_tokenizer(cfg.tokenizer, resume / "tokenizer.model")
-    elif info.world_size > 1:
-        if info.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            prepare_data(cfg).tokenizer.save(out_dir / "tokenizer.model")
-        dist.barrier()
-        tokenizer = load_tokenizer(cfg.tokenizer, out_dir / "tokenizer.model")
-    data = prepare_data(cfg, tokenizer)
-    dtype = gather(resolve_dtype(cfg.dtype, device) if info.is_main else None, info)[0]  # rank 0 measures for all
-    model = dataclasses.replace(cfg.model, vocab_size=data.tokenizer.vocab_size)
-    return data, dataclasses.replace(cfg, dtype=dtype, model=model)
-
-# %% ../nbs/11_train.ipynb #d425b6ea
-def _share_slots(cfg: TrainConfig, state: dict, info: DistInfo) -> TrainConfig:
-    "`cfg` with `grad_accum_steps` set so that this run's processes own the micro-batch slots of the checkpoint `state`."
-    slots, world = len(state.get("sampler_states", [])), info.world_size
-    if not slots or slots == world * cfg.grad_accum_steps:  # a fresh run, or the same slots
-        return cfg
-    accum = max(1, round(slots / world))
-    if accum * world == slots:
-        note = "every step draws the same batches as it would have without the interruption"
-    else:
-        note = (f"{world} processes cannot share {slots} slots equally, so from step {state['step']} on a step draws "
-                f"{world * accum} batches, and they differ from an uninterrupted run's")
-    if info.is_main:
-        changed = f" (not {cfg.grad_accum_steps})" if accum != cfg.grad_accum_steps else ""
-        print(f"resuming {slots} micro-batch slots on {world} process(es): grad_accum_steps={accum}{changed}; {note}",
-              flush=True)
-    return dataclasses.replace(cfg, grad_accum_steps=accum)
-
-# %% ../nbs/11_train.ipynb #40a0e951
-def _network(run: Run, cfg: TrainConfig, info: DistInfo, device: torch.device, write=print):
-    "The module the steps run: the model, in DDP with several processes, compiled if asked; and the DDP wrapper."
-    ddp = None
-    net = run.model
-    if info.world_size > 1:
-        ddp = net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    return (CompiledModel(net, on_fallback=write) if cfg.compile else net), ddp
-
-# %% ../nbs/11_train.ipynb #56269612
-def _check_finite(loss: float, grad_norm: Tensor, lr: float, step: int, out_dir: Path):
-    "Raise `FloatingPointError` if the loss is NaN or infinite, naming the step and the last good checkpoint."
-    if not math.isfinite(loss):
-        last = out_dir / "last"
-        raise FloatingPointError(
-            f"the training loss became {loss} at step {step + 1} (lr {lr:.3g}, gradient norm {grad_norm.item():.3g}); "
-            f"the run is stopped and nothing after step {step} was saved. The last good checkpoint is "
-            f"{last if last.exists() else 'none (no checkpoint yet)'}. Try a lower --lr, a longer --warmup-steps "
-            f"or --grad-clip 1.0")
-
-# %% ../nbs/11_train.ipynb #77c86887
-class _Trainer:
-    "The loop's state between steps, so that `train` reads as the loop and nothing else."
-    def __init__(self, cfg, data, run, info, device, resume, progress):
-        self.cfg, self.data, self.run, self.info, self.device = cfg, data, run, info, device
-        self.out_dir, self.t_start = Path(cfg.out_dir), time.perf_counter()
-        self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
-        self.log = MetricsLog(self.out_dir / "metrics.csv", run.step if resume else None) if info.is_main else None
-        peak, self.peak_source = (stable_peak(device, cfg.dtype, torch.get_num_threads()) if info.is_main
-                                  else (float("nan"), ""))  # only rank 0 reports
-        self.meter = Meter(flops_per_token(cfg.model, cfg.seq_len), peak * info.world_size)  # CPU ranks share one machine
-        self.bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not (progress and info.is_main), unit="step",
-                        dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 15.0, file=sys.stderr)
-        self.start_step, self.losses, self.compile_s, self.saved_at, self.row = run.step, [], 0.0, None, {}
-        if info.is_main:
-            (self.out_dir / "config.json").parent.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-
-    def record(self, loss: float, grad_norm: float, seconds: float, lr: float):
-        "Count the step: losses, progress bar, and the start of a metrics row every log_interval steps."
-        run, cfg = self.run, self.cfg
-        if run.step == self.start_step + 1 and cfg.compile:  # the first step compiled the model: not throughput
-            self.compile_s, seconds = seconds, 0.0
-        self.losses.append(loss)
-        self.meter.add(loss, grad_norm, seconds, cfg.tokens_per_step * self.info.world_size)
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{self.meter.tokens_per_sec():,.0f}", refresh=False)
-        if self.info.is_main and (run.step % cfg.log_interval == 0 or run.step == cfg.max_steps):
-            self.row = {"step": run.step, "tokens": run.tokens_seen, "lr": lr, **self.meter.row()}
-
-    def evaluate(self, max_windows: int | None = None) -> dict:
-        "Validation metrics of the current model (rank 0); eval_batches limits the windows, except at the end."
-        windows = self.cfg.eval_batches * self.cfg.batch_size if max_windows is None else max_windows
-        return evaluate(self.run.model, self.data.val_ids, self.data.val_chars, self.cfg.seq_len, self.cfg.batch_size,
-                        autocast_dtype=self.autocast_dtype, max_windows=windows)
-
-    def evaluate_and_save(self, lr: float):
-        "Evaluate (rank 0), log it, save last/ and, if the loss is the lowest yet, best/ (all ranks take part)."
-        improved = False
-        if self.info.is_main:
-            val = self.evaluate()
-            self.row = {"step": self.run.step, "tokens": self.run.tokens_seen, "lr": lr, **self.row,
-                        "val_loss": val["loss"], "val_nats_per_char": val["nats_per_char"],
-                        "val_bits_per_char": val["bits_per_char"]}
-            self.bar.write(f"step {self.run.step}: val loss {val['loss']:.4f} nats/token = "
-                           f"{val['nats_per_char']:.4f} nats/char")
-            improved, self.run.best_val_loss = val["loss"] < self.run.best_val_loss, min(self.run.best_val_loss, val["loss"])
-        self.save("last", also_best=improved)
-
-    def flush(self):
-        "Write this step's metrics row, if it has one (training means and/or validation)."
-        if self.row and self.info.is_main:
-            self.log.write(**self.row, elapsed_s=self.elapsed())
-        self.row = {}
-
-    def save(self, name: str, also_best: bool = False):
-        state = self.run.state_dict(self.info, self.device)  # collective
-        self.saved_at = self.run.step
-        if self.info.is_main:
-            for folder in (name, "best") if also_best else (name,):
-                save_checkpoint(self.out_dir / folder, self.run.model, self.cfg, state, self.data.tokenizer)
-
-    def stop(self):
-        "Save last/ unless this step was just saved, and say how to resume."
-        if self.saved_at != self.run.step:
-            self.save("last")
-        if self.info.is_main:
-            self.bar.write(f"Stopped at step {self.run.step} of {self.cfg.max_steps}; saved {self.out_dir / 'last'}. "
-                           f"Resume with:\n  tinyllama-train --resume {self.out_dir / 'last'}")
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t_start
-
-    def fit_time_budget(self):
-        "Fix max_steps so that the steps fill cfg.time_budget minutes at the speed measured so far (rank 0's), and record it."
-        cfg, info, done = self.cfg, self.info, self.run.step
-        seconds_per_step = cfg.tokens_per_step * info.world_size / self.meter.tokens_per_sec(whole_run=True)
-        spent = self.compile_s + self.meter.total_time  # in the steps so far (evaluation is not in the budget)
-        steps = done + max(1, int((60 * cfg.time_budget - spent) / seconds_per_step))
-        cfg.max_steps = gather(steps if info.is_main else None, info)[0]  # the scheduler reads cfg.max_steps too
-        self.bar.total = cfg.max_steps
-        if info.is_main:
-            (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))  # a resume keeps the count
-            self.bar.write(f"time budget {cfg.time_budget:g} min: {seconds_per_step:.2f} s a step over the first {done} "
-                           f"steps, so max_steps = {cfg.max_steps:,} ({cfg.max_steps * cfg.tokens_per_step * info.world_size:,} "
-                           f"tokens); the learning rate decays over the last {cfg.decay_fraction:.0%}")
-
-# %% ../nbs/11_train.ipynb #e1d7ebd2
-def _result(trainer: _Trainer, stopped: bool, t_start: float) -> TrainResult:
-    "The TrainResult of a finished (or stopped) run, with the final evaluation on the whole validation split."
-    run, meter = trainer.run, trainer.meter
-    tokens_per_sec = meter.tokens_per_sec(whole_run=True)
-    val = trainer.evaluate(max_windows=0) if trainer.info.is_main and not stopped else None
-    return TrainResult(out_dir=trainer.out_dir, step=run.step, tokens_seen=run.tokens_seen, losses=trainer.losses,
-                       start_step=trainer.start_step, stopped=stopped, elapsed_s=time.perf_counter() - t_start,
-                       val=val, best_val_loss=run.best_val_loss, model=run.model, tokenizer=trainer.data.tokenizer,
-                       n_params=count_parameters(run.model), tokens_per_sec=tokens_per_sec,
-                       mfu=meter.flops_per_token * tokens_per_sec / meter.peak,
-                       peak_flops_source=trainer.peak_source, compile_s=trainer.compile_s)
-
 # %% ../nbs/11_train.ipynb #23c6cbdd
-BUDGET_PROBE_STEPS = 10  # steps timed before a time budget fixes max_steps
-
-
 def train(cfg: TrainConfig,  # what to train and how
           resume: str | Path | None = None,  # checkpoint (or run folder) to continue from
           progress: bool = True,  # show a tqdm progress bar
@@ -280,48 +195,94 @@ def train(cfg: TrainConfig,  # what to train and how
           ) -> TrainResult:
     "Train the model `cfg` describes on Tiny Shakespeare (optionally resuming); returns losses, final validation, model."
     t_start = time.perf_counter()
-    device, info = setup_device(cfg.device)
+    device, info = setup_device(cfg.device)  # under torchrun, this joins the process group (chapter 10)
     try:
         with RunLock(cfg.out_dir, hold=info.is_main):  # no second run writes into this folder meanwhile (chapter 09)
+            # 1. Set up: the checkpoint, the data, the config with dtype and vocabulary settled, the Run
             resume = resolve_checkpoint(resume) if resume is not None else None
             config, state = read_checkpoint(resume) if resume is not None else ({}, {})
-            cfg = _share_slots(cfg, state, info)  # the checkpoint's micro-batch slots, on this run's processes
-            data, cfg = _prepare(cfg, resume, info, device)
+            cfg, out_dir = _share_slots(cfg, state, info), Path(cfg.out_dir)  # the checkpoint's slots, these processes
+            data = prepare_data(cfg, _run_tokenizer(cfg, resume, info))
+            dtype = gather(resolve_dtype(cfg.dtype, device) if info.is_main else None, info)[0]  # rank 0 measures for all
+            cfg = dataclasses.replace(cfg, dtype=dtype, model=dataclasses.replace(cfg.model, vocab_size=data.tokenizer.vocab_size))
             run = Run.start(cfg, device, info.rank)
             if resume is not None:
                 check_compatible(TrainConfig.from_dict(config).model, cfg.model, resume)
                 load_weights(resume, run.model)
                 run.load_state_dict(state, info, device)
-            trainer = _Trainer(cfg, data, run, info, device, resume, progress)
-            net, ddp = _network(run, cfg, info, device, write=trainer.bar.write)
-            stopped = False
+            # 2. What reports on the run: metrics.csv, the meter, the progress bar, the scorer, config.json
+            t_log, start_step, losses, compile_s, saved_at, stopped = time.perf_counter(), run.step, [], 0.0, None, False
+            log = MetricsLog(out_dir / "metrics.csv", run.step if resume else None) if info.is_main else None
+            peak, peak_source = stable_peak(device, cfg.dtype, torch.get_num_threads()) if info.is_main else (math.nan, "")
+            meter = Meter(flops_per_token(cfg.model, cfg.seq_len), peak * info.world_size)  # CPU ranks share one machine
+            bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not (progress and info.is_main), unit="step",
+                       dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 15.0, file=sys.stderr)
+            autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+            score = functools.partial(evaluate, run.model, data.val_ids, data.val_chars, cfg.seq_len, cfg.batch_size,
+                                      autocast_dtype=autocast_dtype)  # chapter 08's scorer, on this run's model
+            if info.is_main:  # only rank 0 writes files
+                (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            # 3. The network the steps run: the model, in DDP with several processes, compiled if asked (chapter 10)
+            ddp = nn.parallel.DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda" else None
+                                                      ) if info.world_size > 1 else None
+            net = run.model if ddp is None else ddp
+            net = CompiledModel(net, on_fallback=bar.write) if cfg.compile else net
+            # 4. The loop
             run.model.train()
-            with GracefulStop() as stop, trainer.bar:
+            with GracefulStop() as stop, bar:
                 while run.step < cfg.max_steps:
                     lr, t0 = run.scheduler.get_last_lr()[0], time.perf_counter()
                     loss, grad_norm = train_step(net, run.optimizer, run.batches(data.train_ids), cfg.grad_clip,
-                                                 trainer.autocast_dtype, ddp)
+                                                 autocast_dtype, ddp)
                     if info.world_size > 1:
                         dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-                    _check_finite(loss.item(), grad_norm, lr, run.step, trainer.out_dir)
+                    _check_finite(loss.item(), grad_norm, lr, run.step, out_dir)  # before anything is saved
                     run.scheduler.step()
                     run.step, run.tokens_seen = run.step + 1, run.tokens_seen + cfg.tokens_per_step * info.world_size
-                    trainer.record(loss.item(), grad_norm.item(), time.perf_counter() - t0, lr)
-                    if cfg.time_budget and trainer.start_step == 0 and run.step == BUDGET_PROBE_STEPS:
-                        trainer.fit_time_budget()
+                    loss, grad_norm, seconds = loss.item(), grad_norm.item(), time.perf_counter() - t0
+                    if run.step == start_step + 1 and cfg.compile:  # the first step compiled the model: not throughput
+                        compile_s, seconds = seconds, 0.0
+                    losses.append(loss)
+                    meter.add(loss, grad_norm, seconds, cfg.tokens_per_step * info.world_size)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{meter.tokens_per_sec():,.0f}", refresh=False)
+                    logged = info.is_main and (run.step % cfg.log_interval == 0 or run.step == cfg.max_steps)
+                    row = {"step": run.step, "tokens": run.tokens_seen, "lr": lr, **meter.row()} if logged else {}
+                    if cfg.time_budget and start_step == 0 and run.step == BUDGET_PROBE_STEPS:
+                        bar.total = _fit_time_budget(cfg, run.step, compile_s, meter, info, write=bar.write)
                     if run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps:
-                        trainer.evaluate_and_save(lr)
-                    trainer.flush()
-                    if on_step is not None and on_step(run.step, {"loss": loss.item(), "lr": lr, "tokens_seen": run.tokens_seen}):
+                        improved = False
+                        if info.is_main:  # rank 0 evaluates; every rank takes part in saving
+                            val = score(max_windows=cfg.eval_batches * cfg.batch_size)
+                            row = {"step": run.step, "tokens": run.tokens_seen, "lr": lr, **row, "val_loss": val["loss"],
+                                   "val_nats_per_char": val["nats_per_char"], "val_bits_per_char": val["bits_per_char"]}
+                            bar.write(f"step {run.step}: val loss {val['loss']:.4f} nats/token = "
+                                      f"{val['nats_per_char']:.4f} nats/char")
+                            improved, run.best_val_loss = val["loss"] < run.best_val_loss, min(run.best_val_loss, val["loss"])
+                        saved_at = run.save(out_dir, ("last", "best") if improved else ("last",), data.tokenizer, info, device)
+                    if row:  # training means, validation, or both
+                        log.write(**row, elapsed_s=time.perf_counter() - t_log)
+                    if on_step is not None and on_step(run.step, {"loss": loss, "lr": lr, "tokens_seen": run.tokens_seen}):
                         stop.requested = True
-                    if any_rank(stop.requested, info, device) and run.step < cfg.max_steps:
-                        trainer.stop()
+                    if any_rank(stop.requested, info, device) and run.step < cfg.max_steps:  # a signal on any process
+                        if saved_at != run.step:
+                            saved_at = run.save(out_dir, ("last",), data.tokenizer, info, device)
+                        if info.is_main:
+                            bar.write(f"Stopped at step {run.step} of {cfg.max_steps}; saved {out_dir / 'last'}. "
+                                      f"Resume with:\n  tinyllama-train --resume {out_dir / 'last'}")
                         stopped = True
                         break
-            result = _result(trainer, stopped, t_start)
+            # 5. The result, with one evaluation on the whole validation split
+            val = score(max_windows=0) if info.is_main and not stopped else None
+            tokens_per_sec = meter.tokens_per_sec(whole_run=True)
+            result = TrainResult(out_dir=out_dir, step=run.step, tokens_seen=run.tokens_seen, losses=losses, start_step=start_step,
+                                 stopped=stopped, elapsed_s=time.perf_counter() - t_start, val=val, best_val_loss=run.best_val_loss,
+                                 model=run.model, tokenizer=data.tokenizer, n_params=count_parameters(run.model),
+                                 tokens_per_sec=tokens_per_sec, mfu=meter.flops_per_token * tokens_per_sec / meter.peak,
+                                 peak_flops_source=peak_source, compile_s=compile_s)
             if info.world_size > 1:
                 dist.barrier()  # rank 0 alone scores the validation split: every rank leaves together,
-                time.sleep(0.1)  # and gloo's threads get the GIL to free their last work (chapter 11 says why)
+                time.sleep(0.1)  # and gloo's threads get the GIL to free their last work (see above)
             return result
     finally:
         if info.initialized_here and dist.is_initialized():
