@@ -7,7 +7,7 @@ For each server setting it starts `tinyllama-serve` as a separate process on 127
 this client process has the other core), waits until it answers, warms it up, and sends `--requests` completion
 requests of `--max-tokens` tokens (temperature 0.8, top-p 0.95, no seed as most clients send none, or request i
 with seed i under --seeded; the prompts are the first 40 characters of lines of the corpus) with
-`tinyllama.serve.run_load`:
+`tinyllama.batching.run_load` and `tinyllama.serve.completion_requests`:
 
 - one by one: a server that does not batch (--max-batch-size 1), one request in flight: the baseline;
 - queued, 8 at a time: the same server, --concurrency requests in flight (a queue, nothing more);
@@ -35,8 +35,9 @@ from pathlib import Path
 
 from tinyllama.data import load_corpus
 from tinyllama.device import cpu_model_name
+from tinyllama.batching import run_load
 from tinyllama.model import count_parameters
-from tinyllama.serve import run_load
+from tinyllama.serve import completion_requests
 from tinyllama.train import find_checkpoint, load_trained_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +82,7 @@ def stats(url: str) -> dict:
 def measure(url: str, prompts: list[str], concurrency: int, max_tokens: int, seeded: bool) -> dict:
     "One run of the load, with the mean batch size the server formed during it."
     before = stats(url)
-    row = run_load(url, prompts, concurrency, max_tokens, seeded=seeded)
+    row = run_load(completion_requests(url, prompts, max_tokens, seeded=seeded), len(prompts), concurrency)
     after = stats(url)
     row["mean_batch_size"] = (after["requests"] - before["requests"]) / max(after["batches"] - before["batches"], 1)
     return row
@@ -122,7 +123,7 @@ def main(argv=None):
                    for size in sorted({size for _, size, _ in settings})}
         try:
             for size, (_, url) in servers.items():  # warm-up: first calls allocate and fill caches
-                run_load(url, prompts[:2 * a.concurrency], a.concurrency, a.max_tokens)
+                run_load(completion_requests(url, prompts, a.max_tokens), 2 * a.concurrency, a.concurrency)
             for repeat in range(a.repeats):
                 for name, size, concurrency in settings:
                     runs[name].append(measure(servers[size][1], prompts, concurrency, a.max_tokens, a.seeded))

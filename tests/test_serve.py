@@ -1,4 +1,4 @@
-"Serving's promises, checked with the official `openai` client against a real server: output = chapter 12's generate, batching, bad requests, the command."
+"Serving's promises, checked with the official `openai` client against a real server: output = chapter 12's generate, requests batched, bad requests, the command (the engine itself: test_batching.py)."
 import copy
 import dataclasses
 import json
@@ -14,16 +14,13 @@ import httpx
 import openai
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 
+from tinyllama.batching import chat_prompt_ids, random_chat_model
 from tinyllama.checkpoint import save_checkpoint
-from tinyllama.generate import encode_prompts, generate, generate_tokens
+from tinyllama.generate import generate, generate_tokens
 from tinyllama.model import Llama, ModelArgs
 from tinyllama.recipe import TRAIN_PRESETS
-from tinyllama.serve import (Batcher, Job, StopMatcher, chat_prompt_ids, create_app, decode_batch, main,
-                             random_chat_model, running_server)
-from tinyllama.posttrain import encode_chat
+from tinyllama.serve import create_app, main, running_server
 from tinyllama.tokenizer import CharTokenizer
 
 PROMPTS = ["ROMEO:\n", "", "First Citizen:\nBefore we proceed any further, hear me speak.", "O"]
@@ -72,67 +69,6 @@ def reference_reply(model, tokenizer, messages, max_tokens: int) -> tuple[str, s
 
 def as_messages(turns):
     return [{"role": role, "content": text} for role, text in turns]
-
-
-# ---------------------------------------------------------------- the pieces
-
-@given(st.text(alphabet="ab\n", max_size=30), st.lists(st.text(alphabet="ab\n", min_size=1, max_size=3), max_size=4),
-       st.lists(st.integers(0, 30), max_size=6))
-def test_stop_matcher_cuts_before_the_first_stop_to_complete_however_the_text_is_split(text, stops, cuts):
-    cuts = sorted({c for c in cuts if 0 < c < len(text)})
-    pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
-    matcher = StopMatcher(stops)
-    released = "".join(matcher.push(p) for p in pieces) + matcher.flush()
-    found = [(i + len(s), i) for s in stops if (i := text.find(s)) >= 0]
-    assert released == (text[:min(found)[1]] if found else text) and matcher.stopped == bool(found)
-
-
-def test_stop_matcher_rejects_empty_stops():
-    for bad in ("\n", [""], [None]):
-        with pytest.raises(ValueError, match="non-empty strings"):
-            StopMatcher(bad)
-
-
-def test_chat_prompt_ids_are_chapter_12s_turns_one_after_another(chat_model):
-    _, tokenizer = chat_model
-    ids = chat_prompt_ids(tokenizer, CONVERSATION)
-    assert ids == encode_chat(tokenizer, CONVERSATION[0][1], CONVERSATION[1][1])[0] + encode_chat(tokenizer, CONVERSATION[2][1])[0]
-    assert chat_prompt_ids(tokenizer, CONVERSATION[:1]) == encode_chat(tokenizer, CONVERSATION[0][1])[0]
-    for bad in ([], [("system", "Be brief."), ("user", "Hi")], CONVERSATION[:2], [("user", "a"), ("user", "b")]):
-        with pytest.raises(ValueError, match="alternate"):
-            chat_prompt_ids(tokenizer, bad)
-
-
-def test_decode_batch_equals_generate_row_by_row_and_as_a_batch(chat_model):
-    model, tokenizer = chat_model
-    jobs = [Job(ids, 30) for ids in encode_prompts(tokenizer, PROMPTS)]
-    decode_batch(model, tokenizer, jobs)
-    together = generate(model, tokenizer, PROMPTS, max_new_tokens=30, temperature=0)
-    for job, g, prompt in zip(jobs, together, PROMPTS):
-        text = "".join(value for kind, value in job.events if kind == "text")
-        assert text == g.text == generate(model, tokenizer, prompt, max_new_tokens=30, temperature=0).text
-        assert job.events[-1] == ("done", "stop" if g.stop_reason == "eos" else "length") and job.finished.is_set()
-
-
-def test_batcher_and_job_reject_bad_settings(chat_model):
-    model, tokenizer = chat_model
-    with pytest.raises(ValueError, match="max_batch_size"):
-        Batcher(model, tokenizer, max_batch_size=0)
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        Job([5, 6], 0)
-    with pytest.raises(ValueError, match="top_p"):
-        Job([5, 6], 4, temperature=1.0, top_p=1.5)
-
-
-def test_batcher_keeps_jobs_that_do_not_fit_together_for_the_next_batch(chat_model):
-    model, tokenizer = chat_model
-    batcher = Batcher(model, tokenizer, max_batch_size=8, window=0.2)
-    long_prompt, long_reply = Job([7] * 200, 10), Job([7] * 10, 200)  # alone each fits in 256 positions, together not
-    for job in (long_prompt, long_reply):
-        batcher.submit(job)
-    assert long_prompt.finished.wait(60) and long_reply.finished.wait(60)
-    batcher.close()
-    assert batcher.stats["batch_sizes"] == {1: 2} and long_reply.n_tokens == 200
 
 
 # ---------------------------------------------------------------- the API, with the openai client

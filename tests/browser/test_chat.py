@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from tinyllama.generate import generate_tokens
-from tinyllama.serve import chat_prompt_ids, create_app, random_chat_model, running_server
+from tinyllama.batching import chat_prompt_ids, random_chat_model
+from tinyllama.serve import create_app, running_server
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # Without the networking flags Chromium keeps calling home, which a closed network refuses.
