@@ -56,7 +56,8 @@ IDEAS = {  # the chapter in one line
     "E_speculative": "a draft proposes, the target verifies; output exactly the target's",
     "F_hybrid": "LLaMA with one of GPT-2's parts put back: which changes pay",
     "G_grpo": "a reward written as code; GRPO against the SFT model; reward hacking",
-    "H_serve": "`tinyllama-serve`: OpenAI's API, batched requests, a chat page",
+    "H_batching": "many clients, one model: requests decoded in batches, each row with its own settings",
+    "I_serve": "`tinyllama-serve`: OpenAI's API over appendix H's batcher, a chat page",
 }
 COLUMNS = ["notebook", "minutes", "kind", "cores", "load_before", "load_after", "finished"]
 BEGIN, END = "<!-- reading map: tools/reading_map.py render -->", "<!-- end of reading map -->"
