@@ -71,8 +71,8 @@ def chapters() -> list[Path]:
 def prose_words(nb: Path) -> int:
     "Words of prose in the notebook's markdown cells, math aside (as ../shared/tools/reader_check.py counts them)."
     cells = json.loads(nb.read_text())["cells"]
-    text = " ".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
-    return len(re.findall(r"[A-Za-z]+", re.sub(r"\$[^$]*\$", " ", text)))
+    return sum(len(re.findall(r"[A-Za-z]+", re.sub(r"\$[^$]*\$", " ", "".join(c["source"]))))  # cell by cell: a
+               for c in cells if c["cell_type"] == "markdown")  # stray $ in one cell must not swallow the next
 
 
 def title(nb: Path) -> str:
