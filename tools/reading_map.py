@@ -133,14 +133,15 @@ def map_table(link_prefix: str) -> str:
         n = prose_words(nb)
         words["appendix" if label.isalpha() else "core"] += n
         run = timed.get(nb.stem)
-        busy = run and float(run["load_before"]) >= 1.0  # other work already had a core when it started
+        busy = run and float(run["load_before"]) > int(run["cores"])  # it started with more work than cores
         run_cell = f"{float(run['minutes']):g}{'*' if busy else ''} ({run['kind']})" if run else "not yet timed"
         rows.append(f"| {label} | [{title(nb)}]({link_prefix}{nb.name}) | {IDEAS[nb.stem]} | {n:,} | "
                     f"{math.ceil(n / WORDS_PER_MINUTE)} | {run_cell} |")
     core, appendix = words["core"], words["appendix"]
     return "\n".join(rows) + (f"\n\nThe core path is {core:,} words (about {round(core / WORDS_PER_MINUTE / 60, 1)} hours "
                               f"of reading); the appendices, {appendix:,}. Minutes to run are wall-clock on a 2-core CPU of the kind "
-                              f"named; * marks a run that shared the cores with other work, so it is an upper bound.")
+                              f"named; * marks a run that started while the machine had more work than cores (other runs), so it is "
+                              f"an upper bound.")
 
 
 def map_csv() -> str:
