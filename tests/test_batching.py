@@ -7,19 +7,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tinyllama.batching import (Batcher, Job, StopMatcher, chat_prompt_ids, decode_batch, job_events, random_chat_model,
+from tinyllama.batching import (Batcher, Job, StopMatcher, chat_prompt_ids, decode_batch, job_events,
                                 run_load)
 from tinyllama.generate import encode_prompts, generate
 from tinyllama.posttrain import encode_chat
 
-PROMPTS = ["ROMEO:\n", "", "First Citizen:\nBefore we proceed any further, hear me speak.", "O"]
-CONVERSATION = [("user", "Reply as JULIET to:\nROMEO:\nLady, by yonder blessed moon I swear"),
-                ("assistant", "JULIET:\nO, swear not by the moon."), ("user", "Who answers?")]
-
-
-@pytest.fixture(scope="module")
-def chat_model():
-    return random_chat_model(seed=0)
+from conftest import CONVERSATION, PROMPTS  # shared with the other serving tests; conftest gives chat_model
 
 
 @given(st.text(alphabet="ab\n", max_size=30), st.lists(st.text(alphabet="ab\n", min_size=1, max_size=3), max_size=4),

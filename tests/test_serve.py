@@ -15,7 +15,7 @@ import openai
 import pytest
 import torch
 
-from tinyllama.batching import chat_prompt_ids, random_chat_model
+from tinyllama.batching import chat_prompt_ids
 from tinyllama.checkpoint import save_checkpoint
 from tinyllama.generate import generate, generate_tokens
 from tinyllama.model import Llama, ModelArgs
@@ -23,14 +23,7 @@ from tinyllama.recipe import TRAIN_PRESETS
 from tinyllama.serve import create_app, main, running_server
 from tinyllama.tokenizer import CharTokenizer
 
-PROMPTS = ["ROMEO:\n", "", "First Citizen:\nBefore we proceed any further, hear me speak.", "O"]
-CONVERSATION = [("user", "Reply as JULIET to:\nROMEO:\nLady, by yonder blessed moon I swear"),
-                ("assistant", "JULIET:\nO, swear not by the moon."), ("user", "Who answers?")]
-
-
-@pytest.fixture(scope="module")
-def chat_model():
-    return random_chat_model(seed=0)
+from conftest import CONVERSATION, PROMPTS  # shared with the other serving tests; conftest gives chat_model
 
 
 @pytest.fixture(scope="module")
